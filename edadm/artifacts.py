@@ -1,0 +1,195 @@
+"""Artifacts on disk: atomic writes, Zarr store schemas, and clear errors for bad stores.
+
+Every store carries ``edadm_schema`` (what it is), ``schema_version`` and ``complete``
+attributes. A stage writes into a temporary sibling path and renames it into place only when
+it has finished, so a killed stage leaves the old artifact or none, never a half one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+
+class ArtifactError(RuntimeError):
+    """An input artifact is missing, truncated, or of another schema."""
+
+
+@dataclass(frozen=True)
+class StoreSchema:
+    """What a Zarr store must hold; ``stage`` is the DVC stage that makes it."""
+
+    kind: str
+    version: int
+    stage: str
+    arrays: tuple[str, ...]
+
+
+TRAJECTORIES = StoreSchema("trajectories", 1, "dump", ("x", "t", "x0"))
+CALIBRATION = StoreSchema("calibration", 1, "select", ("x", "t", "traj", "step"))
+SAMPLES = StoreSchema("samples", 1, "sample", ("images", "seeds"))
+SCHEMAS = {s.kind: s for s in (TRAJECTORIES, CALIBRATION, SAMPLES)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic output
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it replaces ``path`` (file or directory).
+
+    On an exception the temporary path is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        _replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _replace(src: Path, dst: Path) -> None:
+    if dst.is_dir() and not dst.is_symlink():
+        # os.replace cannot overwrite a non-empty directory: move the old one aside first.
+        trash = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        _remove(trash)
+    else:
+        os.replace(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | Path, stage: str) -> Any:
+    """Read a JSON artifact made by ``stage``, with a clear error when missing or corrupt."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path} not found: it is made by the '{stage}' stage (run `dvc repro {stage}`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path} is not valid JSON ({err}); rerun `dvc repro -f {stage}`") from err
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Zarr stores
+# ---------------------------------------------------------------------------------------------
+def create_store(path: str | Path, schema: StoreSchema, attrs: Mapping[str, Any]) -> zarr.Group:
+    """Create a new (temporary) store for ``schema``; call ``finish_store`` when it is full."""
+    group = zarr.open_group(store=str(path), mode="w", zarr_format=3)
+    group.attrs.update(
+        {
+            "edadm_schema": schema.kind,
+            "schema_version": schema.version,
+            "complete": False,
+            **json.loads(json.dumps(dict(attrs), default=_json_default)),
+        }
+    )
+    return group
+
+
+def finish_store(group: zarr.Group) -> None:
+    """Mark a store complete: the last write before the atomic rename."""
+    group.attrs["complete"] = True
+
+
+def create_array(
+    group: zarr.Group,
+    name: str,
+    shape: Sequence[int],
+    dtype: Any,
+    chunks: Sequence[int] | None = None,
+    data: np.ndarray | None = None,
+) -> zarr.Array:
+    """A Zarr array with explicit (MB-sized) chunks; ``data`` is written when given."""
+    shape = tuple(int(s) for s in shape)
+    chunks = tuple(int(c) for c in (chunks or shape)) if shape else ()
+    array = group.create_array(name, shape=shape, chunks=chunks or None, dtype=np.dtype(dtype))
+    if data is not None:
+        array[...] = data
+    return array
+
+
+def open_store(path: str | Path, schema: StoreSchema) -> zarr.Group:
+    """Open a finished store read-only, checking that it is the store ``schema`` describes."""
+    path = Path(path)
+    remedy = f"it is made by the '{schema.stage}' stage: run `dvc repro {schema.stage}`"
+    if not path.exists():
+        raise ArtifactError(f"{path} not found; {remedy}")
+    try:
+        group = zarr.open_group(store=str(path), mode="r")
+        attrs = dict(group.attrs)
+    except Exception as err:  # zarr raises several types for a damaged store
+        raise ArtifactError(f"{path} is not a readable Zarr store ({err}); {remedy}") from err
+    kind = attrs.get("edadm_schema")
+    if kind != schema.kind:
+        raise ArtifactError(f"{path} holds a '{kind}' store, expected '{schema.kind}'; {remedy}")
+    if attrs.get("schema_version") != schema.version:
+        raise ArtifactError(
+            f"{path} has schema version {attrs.get('schema_version')}, this edadm reads {schema.version}; "
+            f"rerun it with `dvc repro -f {schema.stage}`"
+        )
+    if not attrs.get("complete", False):
+        raise ArtifactError(f"{path} is incomplete (its writer was interrupted); {remedy}")
+    present = set(group.array_keys())
+    missing = [name for name in schema.arrays if name not in present]
+    if missing:
+        raise ArtifactError(f"{path} lacks array(s) {', '.join(missing)} (truncated?); {remedy}")
+    return group
+
+
+def read_array(group: zarr.Group, name: str, path: str | Path, stage: str) -> np.ndarray:
+    """Read a whole array, turning a missing or damaged chunk into an ArtifactError."""
+    try:
+        return np.asarray(group[name][...])
+    except Exception as err:
+        raise ArtifactError(
+            f"{path}/{name} could not be read ({err}); rerun the '{stage}' stage with `dvc repro -f {stage}`"
+        ) from err
+
+
+def describe_store(group: zarr.Group) -> list[str]:
+    """Lines describing every array (shape, dtype, chunks) and the store's attributes."""
+    lines = []
+    for name in sorted(group.array_keys()):
+        array = group[name]
+        lines.append(f"  {name:<12} shape={tuple(array.shape)} dtype={array.dtype} chunks={tuple(array.chunks)}")
+    lines.append("  attributes:")
+    for key, value in dict(group.attrs).items():
+        text = json.dumps(value, default=_json_default)
+        lines.append(f"    {key}: {text if len(text) < 100 else text[:97] + '...'}")
+    return lines

@@ -1,0 +1,146 @@
+"""Params: one frozen dataclass per concern, built from a section of params.yaml.
+
+Each concept module defines the dataclass for its own knobs (e.g. ``TDACConfig`` next to
+TDAC); this module only turns a mapping into such a dataclass and reports bad input with the
+dotted param name, so a user knows which ``-S key=value`` to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ParamError(ValueError):
+    """A param is missing, unknown, of the wrong type or out of range."""
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Read params.yaml (the file DVC tracks) into a plain dict."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamError(f"{path} not found: run from the repository root or pass --params PATH")
+    with path.open() as f:
+        params = yaml.safe_load(f) or {}
+    if not isinstance(params, dict):
+        raise ParamError(f"{path} must hold a mapping of sections, got {type(params).__name__}")
+    return params
+
+
+def param_key(field: dataclasses.Field) -> str:
+    """The key in params.yaml for a dataclass field (``metadata={"key": "lambda"}`` renames)."""
+    return field.metadata.get("key", field.name)
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, section: str) -> T:
+    """Build the frozen dataclass ``cls`` from ``data``, the params section called ``section``.
+
+    Missing keys take the dataclass default; unknown keys are an error (a typo in params.yaml
+    would otherwise be silently ignored). Nested dataclass fields recurse with ``section.key``.
+    """
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    known = {param_key(f): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        names = ", ".join(f"{section}.{k}" for k in unknown)
+        raise ParamError(f"unknown param(s) {names}; known: {', '.join(sorted(known))}")
+    kwargs = {}
+    for key, field in known.items():
+        name = f"{section}.{key}"
+        if key not in data:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ParamError(f"param {name} is required")
+            continue
+        kwargs[field.name] = _coerce(hints[field.name], data[key], name)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ParamError):
+            raise
+        raise ParamError(f"{section}: {err}") from err
+
+
+def _coerce(hint: Any, value: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ParamError(f"param {name} must be a mapping, got {value!r}")
+        return from_dict(hint, value, name)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, name)
+            except ParamError as err:
+                errors.append(str(err))
+        raise ParamError(f"param {name}={value!r} fits none of {hint}")
+    if origin is typing.Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ParamError(f"param {name}={value!r} must be one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ParamError(f"param {name} must be a list, got {value!r}")
+        args = typing.get_args(hint)
+        item = args[0] if args else Any
+        return tuple(_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value))
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamError(f"param {name} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamError(f"param {name} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        # YAML reads 1e-3 as a string (no dot before the exponent): accept it as a number.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ParamError(f"param {name} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamError(f"param {name} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamError(f"param {name} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    """Raise ParamError naming ``name`` when ``value`` lies outside [low, high]."""
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ParamError(f"param {name}={value} is out of range {bounds}")
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    """A dataclass back to the params.yaml spelling (for artifact attributes and manifests)."""
+    out = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            value = as_dict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[param_key(field)] = value
+    return out
