@@ -138,7 +138,11 @@ def create_array(
     """A Zarr array with explicit (MB-sized) chunks; ``data`` is written when given."""
     shape = tuple(int(s) for s in shape)
     chunks = tuple(int(c) for c in (chunks or shape)) if shape else ()
-    array = group.create_array(name, shape=shape, chunks=chunks or None, dtype=np.dtype(dtype))
+    # Every chunk is written, even one equal to the fill value, so a missing chunk file means
+    # a truncated store (open_store checks the count).
+    array = group.create_array(
+        name, shape=shape, chunks=chunks or None, dtype=np.dtype(dtype), config={"write_empty_chunks": True}
+    )
     if data is not None:
         array[...] = data
     return array
@@ -169,7 +173,26 @@ def open_store(path: str | Path, schema: StoreSchema) -> zarr.Group:
     missing = [name for name in schema.arrays if name not in present]
     if missing:
         raise ArtifactError(f"{path} lacks array(s) {', '.join(missing)} (truncated?); {remedy}")
+    for name in sorted(present):
+        expected = _expected_chunks(group[name])
+        found = _chunk_files(path / name)
+        if found is not None and found < expected:
+            raise ArtifactError(f"{path}/{name} has {found} of its {expected} chunks (truncated); {remedy}")
     return group
+
+
+def _expected_chunks(array: zarr.Array) -> int:
+    return int(np.prod([-(-s // c) for s, c in zip(array.shape, array.chunks, strict=True)])) if array.shape else 1
+
+
+def _chunk_files(array_dir: Path) -> int | None:
+    """Chunk files of a local array (default v3 key encoding ``c/i/j/...``); None if not local."""
+    if not array_dir.is_dir():
+        return None
+    chunk_root = array_dir / "c"
+    if chunk_root.is_file():  # a 0-d array's single chunk
+        return 1
+    return sum(1 for f in chunk_root.rglob("*") if f.is_file()) if chunk_root.is_dir() else 0
 
 
 def read_array(group: zarr.Group, name: str, path: str | Path, stage: str) -> np.ndarray:

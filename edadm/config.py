@@ -144,3 +144,11 @@ def as_dict(config: Any) -> dict[str, Any]:
             value = list(value)
         out[param_key(field)] = value
     return out
+
+
+def load_section(cls: type[T], section: str, params: Mapping[str, Any]) -> T:
+    """The dataclass ``cls`` for the dotted ``section`` (e.g. ``"select"``) of loaded params."""
+    data: Any = params
+    for key in section.split("."):
+        data = (data or {}).get(key) if isinstance(data, Mapping) else None
+    return from_dict(cls, data, section)

@@ -1,0 +1,104 @@
+"""The calibration store ``calib.zarr``: the chosen (x_t, t) and how they were chosen.
+
+Layout:
+  x [n, C, H, W] float32, t [n] int64   the calibration inputs (model input and timestep)
+  traj [n], step [n] int64             where each came from in the trajectory dump
+  per_step/{density, diversity, weight, count} [T]   the selection's per-step statistics
+  timesteps [T]                        the dump's timestep of each step
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from edadm.artifacts import (
+    CALIBRATION,
+    TRAJECTORIES,
+    atomic_output,
+    create_array,
+    create_store,
+    finish_store,
+    open_store,
+    read_array,
+)
+
+PER_STEP = ("density", "diversity", "weight", "count")
+
+
+@dataclass(frozen=True)
+class CalibrationArrays:
+    """A calibration set in memory: x [n, C, H, W] float32, t [n] int64, with provenance."""
+
+    x: np.ndarray
+    t: np.ndarray
+    traj: np.ndarray
+    step: np.ndarray
+    attrs: dict[str, Any]
+
+
+def open_trajectories(path: str | Path) -> zarr.Group:
+    """The dump's store, validated (clear error naming the file and the `dump` stage)."""
+    return open_store(path, TRAJECTORIES)
+
+
+def gather_inputs(trajectories: zarr.Group, traj: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """x[step_k, traj_k] for every k, as float32 [n, C, H, W]; reads each needed step once."""
+    x = trajectories["x"]
+    out = np.empty((len(traj), *x.shape[2:]), dtype=np.float32)
+    for s in np.unique(step):
+        rows = np.nonzero(step == s)[0]
+        out[rows] = np.asarray(x[int(s)])[traj[rows]]
+    return out
+
+
+def write_calibration(
+    path: str | Path,
+    x: np.ndarray,
+    timesteps: np.ndarray,
+    traj: np.ndarray,
+    step: np.ndarray,
+    per_step: dict[str, np.ndarray],
+    attrs: dict[str, Any],
+) -> None:
+    """Write ``calib.zarr`` atomically; ``timesteps`` [T] is the dump's t of every step."""
+    with atomic_output(path) as tmp:
+        store = create_store(tmp, CALIBRATION, attrs)
+        create_array(store, "x", x.shape, np.float32, data=x.astype(np.float32))
+        create_array(store, "t", (len(step),), np.int64, data=timesteps[step].astype(np.int64))
+        create_array(store, "traj", (len(traj),), np.int64, data=traj.astype(np.int64))
+        create_array(store, "step", (len(step),), np.int64, data=step.astype(np.int64))
+        create_array(store, "timesteps", timesteps.shape, np.int64, data=timesteps.astype(np.int64))
+        group = store.create_group("per_step")
+        for name, values in per_step.items():
+            values = np.asarray(values)
+            create_array(group, name, values.shape, values.dtype, data=values)
+        finish_store(store)
+
+
+def load_calibration(path: str | Path) -> CalibrationArrays:
+    """Read a finished ``calib.zarr`` into memory."""
+    store = open_store(path, CALIBRATION)
+    arrays = {name: read_array(store, name, path, CALIBRATION.stage) for name in ("x", "t", "traj", "step")}
+    if len(arrays["x"]) == 0:
+        raise ValueError(f"{path} holds an empty calibration set; raise select.size")
+    return CalibrationArrays(**arrays, attrs=dict(store.attrs))
+
+
+def write_step_table(path: str | Path, timesteps: np.ndarray, per_step: dict[str, np.ndarray]) -> None:
+    """plots/tdac.csv: one row per step (step, t, density, diversity, weight, count)."""
+    columns = [name for name in PER_STEP if name in per_step]
+    with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "t", *columns])
+        for i, t in enumerate(timesteps):
+            row = [i, int(t)]
+            for name in columns:
+                value = per_step[name][i]
+                row.append(int(value) if name == "count" else ("" if np.isnan(value) else f"{value:.6g}"))
+            writer.writerow(row)

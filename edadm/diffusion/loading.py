@@ -1,0 +1,114 @@
+"""Loading and saving diffusion models in diffusers format.
+
+On disk a model is a diffusers pipeline directory (``model_index.json``, ``unet/``,
+``scheduler/``), the layout ``DiffusionPipeline.save_pretrained`` writes; a bare UNet
+directory (``config.json`` of a UNet2DModel / UNet2DConditionModel) is accepted on input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin, UNet2DConditionModel, UNet2DModel
+
+from edadm.artifacts import ArtifactError, atomic_output
+from edadm.config import ParamError
+from edadm.diffusion.embedded import EmbeddedConfig
+
+logger = logging.getLogger(__name__)
+
+UNET_CLASSES = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+
+
+def _unet_dir(path: Path) -> Path:
+    """The directory holding the UNet's config.json inside a pipeline or bare UNet directory."""
+    if (path / "unet" / "config.json").exists():
+        return path / "unet"
+    if (path / "config.json").exists():
+        return path
+    raise FileNotFoundError(path)
+
+
+def load_unet(path: str | Path, param: str = "model.path") -> UNet2DModel | UNet2DConditionModel:
+    """Load the UNet of a diffusers pipeline directory or a bare UNet directory.
+
+    ``param`` names the setting that chose ``path``, for the error message.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{param}={str(path)!r} does not exist; point it at a diffusers model directory")
+    try:
+        unet_dir = _unet_dir(path)
+    except FileNotFoundError:
+        raise ArtifactError(
+            f"{param}={str(path)!r} is not a diffusers model: expected model_index.json with a unet/ "
+            "folder (DiffusionPipeline.save_pretrained) or a UNet config.json"
+        ) from None
+    config = json.loads((unet_dir / "config.json").read_text())
+    class_name = config.get("_class_name")
+    if class_name not in UNET_CLASSES:
+        raise ArtifactError(
+            f"{param}: {unet_dir / 'config.json'} describes a {class_name!r}; edadm quantizes "
+            f"{' and '.join(UNET_CLASSES)}"
+        )
+    # low_cpu_mem_usage=False: the default path wants `accelerate`, which edadm does not need.
+    return UNET_CLASSES[class_name].from_pretrained(unet_dir, low_cpu_mem_usage=False).eval()
+
+
+def load_scheduler(path: str | Path) -> SchedulerMixin:
+    """The training noise schedule stored with the model (DDPM linear 1000 steps if none is)."""
+    path = Path(path)
+    scheduler_dir = path / "scheduler"
+    if (scheduler_dir / "scheduler_config.json").exists():
+        config = DDPMScheduler.load_config(scheduler_dir)
+        return DDPMScheduler.from_config(config)
+    logger.warning("%s has no scheduler/ folder: assuming DDPM, 1000 linear-beta steps", path)
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+
+
+def save_model(unet: torch.nn.Module, scheduler: SchedulerMixin, path: str | Path) -> None:
+    """Write a diffusers pipeline directory atomically (unet/, scheduler/, model_index.json)."""
+    with atomic_output(path) as tmp:
+        tmp.mkdir(parents=True)
+        unet.save_pretrained(tmp / "unet")
+        scheduler.save_pretrained(tmp / "scheduler")
+        index = {
+            "_class_name": "DDPMPipeline" if isinstance(unet, UNet2DModel) else "DiffusionPipeline",
+            "_diffusers_version": unet.config.get("_diffusers_version", ""),
+            "unet": ["diffusers", type(unet).__name__],
+            "scheduler": ["diffusers", type(scheduler).__name__],
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def model_hash(unet: torch.nn.Module) -> str:
+    """A short content hash of the UNet's weights, recorded in the artifacts made from it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(unet.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def ddim_from(scheduler: SchedulerMixin) -> DDIMScheduler:
+    """A DDIM sampler sharing the model's training noise schedule."""
+    return DDIMScheduler.from_config(scheduler.config)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """params.yaml ``model``: where the diffusion model comes from."""
+
+    source: Literal["embedded", "pretrained"] = "embedded"
+    path: str | None = None  # a diffusers pipeline or UNet directory, for source: pretrained
+    embedded: EmbeddedConfig = EmbeddedConfig()
+
+    def __post_init__(self) -> None:
+        if self.source == "pretrained" and not self.path:
+            raise ParamError("model.source=pretrained needs model.path: a local diffusers model directory")

@@ -1,0 +1,145 @@
+"""`edadm inspect PATH`: a readable summary of any artifact, so nobody writes a script to look.
+
+Each kind of artifact has one ``_describe_*`` function; ``describe`` picks by what is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from edadm.artifacts import SCHEMAS, ArtifactError, describe_store, open_store
+
+
+def describe(path: str | Path) -> str:
+    """A multi-line text summary of the artifact at ``path``."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path} does not exist")
+    for matches, summarise in DESCRIBERS:
+        if matches(path):
+            return "\n".join(summarise(path))
+    raise ArtifactError(
+        f"{path}: not an edadm artifact (model directory, Zarr store, quantization directory, reference or JSON)"
+    )
+
+
+# --------------------------------------------------------------------------------------------- model
+def _is_model(path: Path) -> bool:
+    return path.is_dir() and ((path / "model_index.json").exists() or (path / "unet" / "config.json").exists())
+
+
+def _describe_model(path: Path) -> list[str]:
+    from edadm.diffusion.loading import load_scheduler, load_unet
+
+    unet = load_unet(path, param="PATH")
+    scheduler = load_scheduler(path)
+    n_params = sum(p.numel() for p in unet.parameters())
+    size_mb = sum(f.stat().st_size for f in path.rglob("*.safetensors")) / 2**20
+    lines = [f"diffusion model: {path}", f"  unet: {type(unet).__name__}, {n_params:,} parameters, {size_mb:.2f} MB on disk"]
+    keys = ("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
+            "down_block_types", "up_block_types", "attention_head_dim", "norm_num_groups", "cross_attention_dim")
+    for key in keys:
+        if key in unet.config and unet.config[key] is not None:
+            lines.append(f"    {key}: {_short(unet.config[key])}")
+    sc = scheduler.config
+    lines.append(
+        f"  scheduler: {type(scheduler).__name__}, {sc.num_train_timesteps} steps, {sc.beta_schedule} betas "
+        f"[{sc.beta_start}, {sc.beta_end}], prediction {sc.prediction_type}"
+    )
+    train_log = path.parent / "train.json"
+    if train_log.exists():
+        log = json.loads(train_log.read_text())
+        if log.get("loss"):
+            last = ", ".join(f"{v:.4f}" for v in log["loss"][-5:])
+            lines.append(f"  training: {log['steps']} steps in {log['seconds']} s; last losses {last}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------- zarr stores
+def _is_store(path: Path) -> bool:
+    return path.is_dir() and (path / "zarr.json").exists()
+
+
+def _describe_store(path: Path) -> list[str]:
+    group = zarr.open_group(store=str(path), mode="r")
+    kind = group.attrs.get("edadm_schema")
+    if kind in SCHEMAS:
+        group = open_store(path, SCHEMAS[kind])
+    lines = [f"zarr store: {path} ({kind or 'not an edadm store'})"]
+    size_mb = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+    n_files = sum(1 for f in path.rglob("*") if f.is_file())
+    lines.append(f"  {size_mb:.2f} MB in {n_files} files")
+    lines += describe_store(group)
+    if "per_step" in group:
+        per_step = group["per_step"]
+        lines += ["  per_step:"] + ["  " + line for line in describe_store(per_step) if "attributes" not in line]
+        if "count" in per_step and "timesteps" in group:
+            from edadm.calib.selection import allocation_chart
+
+            lines.append("  allocation (samples per step):")
+            lines += ["    " + line for line in allocation_chart(np.asarray(group["timesteps"][...]),
+                                                               np.asarray(per_step["count"][...]))]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------- json
+def _is_json(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".json"
+
+
+def _describe_json(path: Path) -> list[str]:
+    data = json.loads(path.read_text())
+    lines = [f"json: {path}"]
+    lines += _flatten(data, "  ")
+    return lines
+
+
+def _flatten(data, indent: str, prefix: str = "") -> list[str]:
+    lines = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, dict):
+                lines += _flatten(value, indent, name)
+            else:
+                lines.append(f"{indent}{name}: {_short(value)}")
+    else:
+        lines.append(f"{indent}{_short(data)}")
+    return lines
+
+
+def _short(value, limit: int = 100) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    text = json.dumps(value) if not isinstance(value, str) else value
+    if isinstance(value, list) and len(value) > 8 and all(isinstance(v, (int, float)) for v in value):
+        text = f"[{len(value)} values, first {value[0]:.4g}, last {value[-1]:.4g}]"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------- reference
+def _is_reference(path: Path) -> bool:
+    return path.is_dir() and (path / "reference.json").exists()
+
+
+def _describe_reference(path: Path) -> list[str]:
+    lines = [f"metrics reference: {path}"]
+    lines += _flatten(json.loads((path / "reference.json").read_text()), "  ")
+    stats = path / "stats.npz"
+    if stats.exists():
+        with np.load(stats) as npz:
+            lines += [f"  stats.npz {key}: shape {npz[key].shape}" for key in npz.files]
+    return lines
+
+
+DESCRIBERS: list[tuple[Callable[[Path], bool], Callable[[Path], list[str]]]] = [
+    (_is_model, _describe_model),
+    (_is_store, _describe_store),
+    (_is_reference, _describe_reference),
+    (_is_json, _describe_json),
+]

@@ -1,0 +1,103 @@
+"""Params of quantization (``quant`` section) and of reconstruction (``recon`` section).
+
+Defaults reproduce the official EDA-DM code for CIFAR-10 (METHOD.md sections 0 and 3), except
+``recon.iters``: the paper runs 5000 iterations per block; our default is sized so that the
+embedded default model reconstructs in under 10 minutes on 2 CPU cores (measured figure in
+the field comment). ``-S recon.iters=5000`` gives the paper's scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from edadm.config import ParamError, check_range
+
+FLOAT_BITS = (16, 32)  # a bit-width of 16 or 32 means "leave this tensor in float"
+METHODS = ("fbr", "brecq", "layer", "none")
+
+
+def is_float_bits(bits: int) -> bool:
+    """True when ``bits`` means "not quantized" (16 or 32)."""
+    return bits in FLOAT_BITS
+
+
+def check_bits(name: str, bits: int) -> None:
+    """Bit-widths are 2..8 (the unsigned integer grid of METHOD.md section 0) or 16 / 32 (float)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits in FLOAT_BITS):
+        raise ParamError(
+            f"param {name}={bits!r} is not a supported bit-width: use 2 to 8 (integer grid) "
+            f"or 16 / 32 (leave in float, e.g. weight-only W4A32)"
+        )
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What gets quantized and to how many bits (params.yaml ``quant``)."""
+
+    w_bits: int = 8  # weights, per output channel
+    a_bits: int = 8  # activations at the input of every Conv2d / Linear, per tensor
+    attn_bits: int = 8  # attention q, k, v and softmax output (only when a_bits quantizes)
+    first_last_bits: int = 8  # METHOD.md 0: first and last weight quantizers kept at 8 bit
+    symmetric: bool = True  # ranges [-tau, tau] ([0, tau] for non-negative tensors)
+    split_shortcut: bool = True  # Q-Diffusion: separate quantizers for concat([h, skip]) halves
+
+    def __post_init__(self) -> None:
+        for name in ("w_bits", "a_bits", "attn_bits", "first_last_bits"):
+            check_bits(f"quant.{name}", getattr(self, name))
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return not is_float_bits(self.w_bits)
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return not is_float_bits(self.a_bits)
+
+
+@dataclass(frozen=True)
+class ReconConfig:
+    """How the quantized network is reconstructed (params.yaml ``recon``)."""
+
+    method: Literal["fbr", "brecq", "layer", "none"] = "fbr"
+    # Iterations per unit. 5000 in the paper (CIFAR); 300 keeps the embedded default (23 units,
+    # 1024 calibration samples) at about 7 minutes on 2 CPU cores (bench/recon.py).
+    iters: int = 300
+    batch_size: int = 32
+    gamma: float = 0.8  # FBR weight of the layer terms L_m ("add_loss"; 1.0 for LSUN)
+    lr_w: float | Literal["auto"] = "auto"  # AdaRound alpha; auto: 5e-2 at W8, 5e-1 at W<=4
+    lr_a: float | Literal["auto"] = "auto"  # activation steps; auto: 1e-3 at W8, 5e-4 at W<=4
+    qdrop_prob: float = 0.5  # QDrop: probability of a float element (input mix and quantizers)
+    round_weight: float = 0.01  # brecq: AdaRound rounding regulariser weight
+    b_range: tuple[float, float] = (20.0, 2.0)  # brecq: regulariser temperature, start -> end
+    warmup: float = 0.2  # brecq: fraction of iterations before the regulariser starts
+    init_batch_size: int = 256  # batch of the activation range initialisation (EMA over batches)
+    cache_batch_size: int = 64  # batch of the passes that cache a unit's inputs / outputs
+    seed: int = 0  # batch sampling and QDrop masks derive from it (per unit, so resumes match)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ParamError(f"param recon.method={self.method!r} must be one of {', '.join(METHODS)}")
+        check_range("recon.iters", self.iters, 0)
+        check_range("recon.batch_size", self.batch_size, 1)
+        check_range("recon.gamma", self.gamma, 0.0)
+        for name in ("lr_w", "lr_a"):
+            value = getattr(self, name)
+            if value != "auto":
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ParamError(f"param recon.{name}={value!r} must be a number or 'auto'")
+                check_range(f"recon.{name}", value, 0.0)
+        check_range("recon.qdrop_prob", self.qdrop_prob, 0.0, 1.0)
+        check_range("recon.round_weight", self.round_weight, 0.0)
+        if len(self.b_range) != 2 or min(self.b_range) <= 0:
+            raise ParamError(f"param recon.b_range={list(self.b_range)} must be two positive numbers [start, end]")
+        check_range("recon.warmup", self.warmup, 0.0, 1.0)
+        check_range("recon.init_batch_size", self.init_batch_size, 1)
+        check_range("recon.cache_batch_size", self.cache_batch_size, 1)
+
+    def learning_rates(self, w_bits: int) -> tuple[float, float]:
+        """``(lr_w, lr_a)``, resolving ``auto`` by weight bits (METHOD.md 3, CIFAR column)."""
+        low_bits = not is_float_bits(w_bits) and w_bits <= 4
+        lr_w = (5e-1 if low_bits else 5e-2) if self.lr_w == "auto" else float(self.lr_w)
+        lr_a = (5e-4 if low_bits else 1e-3) if self.lr_a == "auto" else float(self.lr_a)
+        return lr_w, lr_a

@@ -1,0 +1,49 @@
+"""Stage `select`: the calibration set, by TDAC (METHOD.md section 2) or a baseline.
+
+Inputs: artifacts/trajectories.zarr. Outputs: artifacts/calib.zarr, plots/tdac.csv.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+import numpy as np
+
+from edadm.artifacts import read_array
+from edadm.calib.selection import SelectConfig, choose_calibration
+from edadm.calib.store import gather_inputs, open_trajectories, write_calibration, write_step_table
+from edadm.config import as_dict, load_params, load_section
+from edadm.runtime import configure_logging
+
+logger = logging.getLogger("stages.select")
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--trajectories", default="artifacts/trajectories.zarr", show_default=True)
+@click.option("--out", default="artifacts/calib.zarr", show_default=True)
+@click.option("--table", default="plots/tdac.csv", show_default=True)
+def main(params_path: str, trajectories: str, out: str, table: str) -> None:
+    configure_logging()
+    config = load_section(SelectConfig, "select", load_params(params_path))
+    store = open_trajectories(trajectories)
+    timesteps = read_array(store, "t", trajectories, "dump")
+    n_steps, n_traj = store["x"].shape[:2]
+
+    features = None
+    if config.method == "tdac":
+        if "features" not in store:
+            raise ValueError(f"{trajectories} holds no features: rerun `dvc repro dump` (dump.feature_batch)")
+        features = read_array(store, "features", trajectories, "dump")
+    selection = choose_calibration(config, n_steps, n_traj, features, timesteps)
+
+    x = gather_inputs(store, selection.traj, selection.step)
+    attrs = {"select": as_dict(config), "radius": selection.radius, "dump": dict(store.attrs)}
+    write_calibration(out, x, timesteps, selection.traj, selection.step, selection.per_step, attrs)
+    write_step_table(table, timesteps, selection.per_step)
+    logger.info("selected %d samples from %d steps (%s)", len(x), int(np.sum(selection.per_step["count"] > 0)), config.method)
+
+
+if __name__ == "__main__":
+    main()
