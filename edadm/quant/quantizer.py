@@ -1,0 +1,260 @@
+"""Uniform affine quantization (METHOD.md section 0): pure arithmetic plus one module.
+
+The grid is the unsigned integers [0, 2^b - 1] with a zero-point:
+
+    q  = clamp(round(x / scale) + zero_point, 0, 2^b - 1)
+    x^ = (q - zero_point) * scale
+
+A range [min, max] maps to ``(scale, zero_point)`` by ``qparams_from_range``:
+- symmetric, [-tau, tau]: scale = 2 tau / (2^b - 1), zero_point = 2^(b-1) (the grid's middle);
+- non-negative, [0, tau] (softmax output, or any tensor that is >= 0): scale = tau / (2^b - 1),
+  zero_point = 0;
+- asymmetric, [min, max] (``symmetric=False``): scale = (max - min) / (2^b - 1),
+  zero_point = round(-min / scale).
+
+Ranges come from a search over 100 candidates (i / 100) * extreme, i = 1..100, minimising the
+mean |x - x^|^p with p = 2.4 (LAPQ's L_p criterion, as Q-Diffusion / EDA-DM do).
+
+Granularity is one notion, ``channel_axis``: None is per tensor, an int is one (scale,
+zero_point) per index along that axis (weights: axis 0, the output channels).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SEARCH_CANDIDATES = 100  # METHOD.md 0: tau = (i / 100) * max|x|, i = 1..100
+SEARCH_P = 2.4  # METHOD.md 0: L_p error with p = 2.4
+EMA_MOMENTUM = 0.9  # METHOD.md 0: running = 0.9 * running + 0.1 * new
+SCALE_EPS = 1e-8
+_SEARCH_BUDGET = 1 << 24  # elements per candidate chunk (x 4 bytes, a few temporaries)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure arithmetic
+# ---------------------------------------------------------------------------------------------
+def grid_max(bits: int) -> int:
+    """The largest integer of the unsigned ``bits``-bit grid: 2^b - 1."""
+    return (1 << bits) - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) in the forward pass, identity gradient in the backward pass (straight-through)."""
+    return (x.round() - x).detach() + x
+
+
+def broadcast_to_axis(values: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:
+    """Reshape per-channel ``values`` [C] to broadcast against a tensor of ``ndim`` dims along ``axis``."""
+    if axis is None or values.ndim == 0:
+        return values
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def qparams_from_range(
+    min_val: torch.Tensor, max_val: torch.Tensor, bits: int, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` of the grid covering [min_val, max_val] (element-wise, any shape).
+
+    A range with min_val >= 0 is one-sided ([0, max], zero_point 0). Otherwise, when
+    ``symmetric``, the range is [-tau, tau] with tau = max(-min, max) and zero_point 2^(b-1);
+    when not, the affine range [min(min, 0), max(max, 0)] with zero_point round(-min / scale).
+    The zero_point is returned as a float tensor holding integers.
+    """
+    qmax = grid_max(bits)
+    min_val = torch.minimum(min_val, torch.zeros_like(min_val))
+    max_val = torch.maximum(max_val, torch.zeros_like(max_val))
+    one_sided = min_val >= 0
+    if symmetric:
+        tau = torch.maximum(-min_val, max_val)
+        scale = torch.where(one_sided, max_val / qmax, 2 * tau / qmax).clamp_min(SCALE_EPS)
+        zero_point = torch.where(one_sided, torch.zeros_like(scale), torch.full_like(scale, 1 << (bits - 1)))
+    else:
+        scale = ((max_val - min_val) / qmax).clamp_min(SCALE_EPS)
+        zero_point = (-min_val / scale).round().clamp(0, qmax)
+    return scale, zero_point
+
+
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, channel_axis: int | None = None
+) -> torch.Tensor:
+    """Integer codes q = clamp(round(x / scale) + zero_point, 0, 2^b - 1) (same float dtype as x)."""
+    scale = broadcast_to_axis(scale, x.ndim, channel_axis)
+    zero_point = broadcast_to_axis(zero_point, x.ndim, channel_axis)
+    return torch.clamp(torch.round(x / scale) + zero_point, 0, grid_max(bits))
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, channel_axis: int | None = None
+) -> torch.Tensor:
+    """x^ = (q - zero_point) * scale."""
+    scale = broadcast_to_axis(scale, q.ndim, channel_axis)
+    zero_point = broadcast_to_axis(zero_point, q.ndim, channel_axis)
+    return (q - zero_point) * scale
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, channel_axis: int | None = None
+) -> torch.Tensor:
+    """dequantize(quantize(x)) with a straight-through estimator for the rounding.
+
+    Gradients reach ``x`` (inside the clamp range) and ``scale`` (LSQ-style learnable step).
+    """
+    scale = broadcast_to_axis(scale, x.ndim, channel_axis)
+    zero_point = broadcast_to_axis(zero_point, x.ndim, channel_axis)
+    q = torch.clamp(round_ste(x / scale) + zero_point, 0, grid_max(bits))
+    return (q - zero_point) * scale
+
+
+def search_min_max(
+    x: torch.Tensor,
+    bits: int,
+    symmetric: bool = True,
+    channel_axis: int | None = None,
+    p: float = SEARCH_P,
+    one_sided: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range [min, max] minimising mean |x - x^|^p over 100 shrunk candidates.
+
+    Candidates are (i / 100) times the extremes, i = 1..100: [-tau_i, tau_i] with tau_i from
+    max|x| (symmetric), [0, tau_i] from max(x) (one-sided), or both extremes scaled
+    (asymmetric). ``one_sided=None`` picks one-sided when the whole tensor is >= 0.
+    Returns ``(min, max)``: scalars, or [C] along ``channel_axis``.
+    """
+    x = x.detach().float()
+    flat = x.reshape(1, -1) if channel_axis is None else x.movedim(channel_axis, 0).reshape(x.shape[channel_axis], -1)
+    if one_sided is None:
+        one_sided = bool(flat.min() >= 0)
+    x_min, x_max = flat.amin(dim=1), flat.amax(dim=1)  # [C]
+    if one_sided:
+        low, high = torch.zeros_like(x_max), x_max.clamp_min(0)
+    elif symmetric:
+        high = torch.maximum(x_min.abs(), x_max.abs())
+        low = -high
+    else:
+        low, high = x_min.clamp_max(0), x_max.clamp_min(0)
+
+    # candidate i has extremes (i / 100) * (low, high): [K, C]
+    fractions = torch.arange(1, SEARCH_CANDIDATES + 1, device=x.device, dtype=torch.float32) / SEARCH_CANDIDATES
+    cand_min, cand_max = fractions[:, None] * low[None], fractions[:, None] * high[None]
+    scale, zero_point = qparams_from_range(cand_min, cand_max, bits, symmetric)  # [K, C]
+    chunk = max(1, min(SEARCH_CANDIDATES, _SEARCH_BUDGET // max(1, flat.numel())))
+    errors = []
+    for start in range(0, SEARCH_CANDIDATES, chunk):
+        s = scale[start : start + chunk, :, None]
+        z = zero_point[start : start + chunk, :, None]
+        x_hat = (torch.clamp(torch.round(flat[None] / s) + z, 0, grid_max(bits)) - z) * s  # [k, C, M]
+        errors.append((x_hat - flat[None]).abs_().pow_(p).mean(dim=2))
+    best = torch.cat(errors).argmin(dim=0)  # first minimum, like the reference's strict '<'
+    channels = torch.arange(flat.shape[0], device=x.device)
+    best_min, best_max = cand_min[best, channels], cand_max[best, channels]
+    if channel_axis is None:
+        return best_min[0], best_max[0]
+    return best_min, best_max
+
+
+def search_range(
+    x: torch.Tensor,
+    bits: int,
+    symmetric: bool = True,
+    channel_axis: int | None = None,
+    p: float = SEARCH_P,
+    one_sided: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` of the best of 100 candidate ranges (see ``search_min_max``).
+
+    Per tensor (``channel_axis=None``) both are scalars; otherwise one value per index along
+    ``channel_axis``. zero_point is a float tensor holding integers in [0, 2^b - 1].
+    """
+    best_min, best_max = search_min_max(x, bits, symmetric, channel_axis, p, one_sided)
+    return qparams_from_range(best_min, best_max, bits, symmetric)
+
+
+# ---------------------------------------------------------------------------------------------
+# Module
+# ---------------------------------------------------------------------------------------------
+class UniformAffineQuantizer(nn.Module):
+    """Fake-quantizes a tensor on the grid above (BRECQ / Q-Diffusion's name for it).
+
+    Weights: ``channels`` = output channels (axis 0); ranges from ``init_range(weight)``.
+    Activations: per tensor; ranges initialised batch by batch with ``calibrating = True``
+    (search on each batch, exponential moving average of min / max, METHOD.md 0), then the
+    step size ``scale`` may be learned (a Parameter; straight-through rounding, LSQ-style)
+    while the zero-point stays fixed. ``drop_prob > 0`` is QDrop: each element keeps its float
+    value with that probability (training only; masks from ``generator``).
+    """
+
+    def __init__(
+        self, bits: int, symmetric: bool = True, channels: int | None = None, one_sided: bool | None = None
+    ) -> None:
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"UniformAffineQuantizer: bits={bits} outside 2..8")
+        self.bits = bits
+        self.symmetric = symmetric
+        self.channel_axis = None if channels is None else 0
+        self.one_sided = one_sided  # None: decided on the first calibration batch, then fixed
+        shape = () if channels is None else (channels,)
+        self.scale = nn.Parameter(torch.ones(shape), requires_grad=False)
+        self.register_buffer("zero_point", torch.zeros(shape))
+        self.initialized = False
+        self.calibrating = False
+        self.running_min: torch.Tensor | None = None
+        self.running_max: torch.Tensor | None = None
+        self.drop_prob = 0.0
+        self.generator: torch.Generator | None = None
+
+    def extra_repr(self) -> str:
+        granularity = "per-tensor" if self.channel_axis is None else f"per-channel({self.scale.numel()})"
+        return f"bits={self.bits}, symmetric={self.symmetric}, {granularity}, one_sided={self.one_sided}"
+
+    @torch.no_grad()
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.scale.copy_(scale.reshape(self.scale.shape))
+        self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+        self.initialized = True
+
+    @torch.no_grad()
+    def init_range(self, x: torch.Tensor) -> None:
+        """Set the range from one tensor (a weight) by the 100-candidate search."""
+        self.set_qparams(*search_range(x, self.bits, self.symmetric, self.channel_axis, one_sided=self.one_sided))
+
+    def start_calibration(self) -> None:
+        """Forget the range; the next forwards (``calibrating``) rebuild it by EMA over batches."""
+        self.calibrating = True
+        self.initialized = False
+        self.running_min = self.running_max = None
+
+    def finish_calibration(self) -> None:
+        self.calibrating = False
+        self.running_min = self.running_max = None
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Search this batch's range and fold it into the running range (EMA, METHOD.md 0)."""
+        if self.one_sided is None:
+            self.one_sided = bool(x.min() >= 0)
+        new_min, new_max = search_min_max(x, self.bits, self.symmetric, self.channel_axis, one_sided=self.one_sided)
+        if self.running_min is None:
+            self.running_min, self.running_max = new_min, new_max
+        else:
+            self.running_min = EMA_MOMENTUM * self.running_min + (1 - EMA_MOMENTUM) * new_min
+            self.running_max = EMA_MOMENTUM * self.running_max + (1 - EMA_MOMENTUM) * new_max
+        self.set_qparams(*qparams_from_range(self.running_min, self.running_max, self.bits, self.symmetric))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            self.observe(x)
+        if not self.initialized:
+            raise RuntimeError(
+                "an activation quantizer has no range yet: run edadm.quant.calibrate_activations(model, ...) "
+                "or load a reconstructed state (load_quant_model) before a quantized forward"
+            )
+        x_hat = fake_quantize(x, self.scale, self.zero_point, self.bits, self.channel_axis).to(x.dtype)
+        if self.drop_prob > 0:
+            # QDrop: element-wise, keep the float value with probability drop_prob
+            keep_float = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
+            x_hat = torch.where(keep_float, x, x_hat)
+        return x_hat
