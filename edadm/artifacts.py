@@ -148,10 +148,14 @@ def create_array(
     return array
 
 
-def open_store(path: str | Path, schema: StoreSchema) -> zarr.Group:
-    """Open a finished store read-only, checking that it is the store ``schema`` describes."""
+def open_store(path: str | Path, schema: StoreSchema, stage: str | None = None) -> zarr.Group:
+    """Open a finished store read-only, checking that it is the store ``schema`` describes.
+
+    ``stage`` overrides the schema's producing stage in messages (e.g. ``sample_quant``).
+    """
     path = Path(path)
-    remedy = f"it is made by the '{schema.stage}' stage: run `dvc repro {schema.stage}`"
+    stage = stage or schema.stage
+    remedy = f"it is made by the '{stage}' stage: run `dvc repro {stage}`"
     if not path.exists():
         raise ArtifactError(f"{path} not found; {remedy}")
     try:
@@ -165,7 +169,7 @@ def open_store(path: str | Path, schema: StoreSchema) -> zarr.Group:
     if attrs.get("schema_version") != schema.version:
         raise ArtifactError(
             f"{path} has schema version {attrs.get('schema_version')}, this edadm reads {schema.version}; "
-            f"rerun it with `dvc repro -f {schema.stage}`"
+            f"rerun it with `dvc repro -f {stage}`"
         )
     if not attrs.get("complete", False):
         raise ArtifactError(f"{path} is incomplete (its writer was interrupted); {remedy}")

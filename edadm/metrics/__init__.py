@@ -1,0 +1,48 @@
+"""Sample-quality metrics and the feature extractors and real-data reference they compare against.
+
+- ``frechet``: ``feature_stats``, ``frechet_distance`` (FD / FID / sFID).
+- ``precision_recall``: improved precision and recall (k-NN manifolds, FAISS).
+- ``scores``: ``inception_score``, ``paired_agreement`` (MSE / PSNR against FP samples).
+- ``extractors``: the ``FeatureExtractor`` interface and batched ``extract_all``.
+- ``classifier``: the digits CNN (embedded default); ``inception``: the FID Inception-v3.
+- ``reference``: ``ReferenceConfig``, ``build_reference``, ``load_extractor``, ``evaluate_samples``.
+"""
+
+from edadm.metrics.classifier import ClassifierConfig, DigitsClassifier, train_classifier
+from edadm.metrics.extractors import Extracted, FeatureExtractor, extract_all
+from edadm.metrics.frechet import feature_stats, frechet_distance
+from edadm.metrics.inception import FIDInceptionV3, load_fid_inception
+from edadm.metrics.precision_recall import precision_recall
+from edadm.metrics.reference import (
+    ReferenceConfig,
+    build_reference,
+    evaluate_samples,
+    load_extractor,
+    load_reference_stats,
+    read_reference,
+    reference_config,
+)
+from edadm.metrics.scores import inception_score, paired_agreement
+
+__all__ = [
+    "ClassifierConfig",
+    "DigitsClassifier",
+    "Extracted",
+    "FIDInceptionV3",
+    "FeatureExtractor",
+    "ReferenceConfig",
+    "build_reference",
+    "evaluate_samples",
+    "extract_all",
+    "feature_stats",
+    "frechet_distance",
+    "inception_score",
+    "load_extractor",
+    "load_fid_inception",
+    "load_reference_stats",
+    "paired_agreement",
+    "precision_recall",
+    "read_reference",
+    "reference_config",
+    "train_classifier",
+]

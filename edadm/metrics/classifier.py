@@ -29,23 +29,26 @@ logger = logging.getLogger(__name__)
 SECTION = "reference.classifier"
 IMAGE_SIZE = 16
 # sFID analogue of Inception's ``mixed_6/conv`` first 7 channels: the first 7 channels of the
-# middle-resolution (8x8) conv map, i.e. 7 * 8 * 8 = 448 dims. Few enough channels to keep the
-# covariance estimable, a grid fine enough to see where strokes are.
+# middle-depth conv map (after conv 64 and the max-pool, 8x8), average-pooled to a 4x4 grid:
+# 7 * 4 * 4 = 112 dims. At 8x8 (448 dims) the covariance of the 360 held-out digits would be
+# singular; at 4x4 it is not, and a 1-pixel shift of real digits moves this sFID ~10x its
+# test-vs-train floor (the 8x8 version: ~6x), while the shift-trained pooled features barely move.
 SPATIAL_CHANNELS = 7
+SPATIAL_GRID = 4
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
     """How the digits classifier is trained (``reference.classifier`` in params.yaml).
 
-    epochs: passes over the ~1,440 training images; 30 reach ~98-99% test accuracy.
+    epochs: passes over the ~1,440 training images; 20 reach ~99% test accuracy (seeds 0-2).
     batch_size: images per step.
     lr: peak Adam learning rate of the one-cycle schedule.
     seed: seeds initialisation, shuffling, augmentation and the train/test split.
     test_fraction: share of the digits held out; those images are the metrics' "real" set.
     """
 
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 64
     lr: float = 3e-3
     seed: int = 0
@@ -73,13 +76,14 @@ class DigitsClassifier(FeatureExtractor):
 
     Input ``[N, 1, 16, 16]`` in [-1, 1]. ``features``: the 128-d global-pool output (the
     penultimate layer, like Inception's pool3). ``spatial``: the first 7 channels of the pooled
-    8x8 map after conv 64, flattened to ``[N, 448]`` (like Inception's mixed_6/conv, a
-    middle-depth ReLU map at the middle resolution). ``logits``: ``[N, 10]``.
+    8x8 map after conv 64, average-pooled to 4x4 and flattened to ``[N, 112]`` (like
+    Inception's mixed_6/conv, a middle-depth ReLU map; see ``SPATIAL_GRID``). ``logits``:
+    ``[N, 10]``.
     """
 
     name = "digits"
     feature_dim = 128
-    spatial_dim = SPATIAL_CHANNELS * (IMAGE_SIZE // 2) ** 2
+    spatial_dim = SPATIAL_CHANNELS * SPATIAL_GRID**2
     num_classes = 10
 
     def __init__(self) -> None:
@@ -92,11 +96,11 @@ class DigitsClassifier(FeatureExtractor):
     def extract(self, x: torch.Tensor) -> Extracted:
         if x.ndim != 4 or tuple(x.shape[1:]) != (1, IMAGE_SIZE, IMAGE_SIZE):
             raise ValueError(
-                f"the digits classifier takes [N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}] images, got {tuple(x.shape)}; "
-                "for other image sizes use reference.extractor: inception"
+                f"the digits classifier takes [N, 1, {IMAGE_SIZE}, {IMAGE_SIZE}] images, "
+                f"got {tuple(x.shape)}; for other image sizes use reference.extractor: inception"
             )
         h = F.max_pool2d(self.conv2(self.conv1(x)), 2)  # [N, 64, 8, 8]
-        spatial = h[:, :SPATIAL_CHANNELS].flatten(1)  # [N, 448]
+        spatial = F.adaptive_avg_pool2d(h[:, :SPATIAL_CHANNELS], SPATIAL_GRID).flatten(1)  # [N, 112]
         features = self.conv3(h).mean(dim=(2, 3))  # [N, 128]
         return Extracted(features=features, spatial=spatial, logits=self.fc(features))
 

@@ -69,7 +69,10 @@ class FeatureExtractor(nn.Module, abc.ABC):
 
 @torch.no_grad()
 def extract_all(
-    extractor: FeatureExtractor, images: np.ndarray | torch.Tensor, batch_size: int = 256, desc: str = "features"
+    extractor: FeatureExtractor,
+    images: np.ndarray | torch.Tensor,
+    batch_size: int = 256,
+    desc: str = "features",
 ) -> Extracted:
     """Run ``extractor`` over ``images: [N, C, H, W]`` in [-1, 1] in batches.
 

@@ -1,0 +1,68 @@
+"""Quantization of diffusion UNets and FBR block reconstruction (METHOD.md sections 0 and 3).
+
+Modules, one concept each: ``quantizer`` (grid arithmetic, UniformAffineQuantizer),
+``adaround`` (learned rounding), ``layers`` (QuantLayer), ``attention`` (QuantAttnProcessor),
+``blocks`` (units in execution order), ``model`` (quantize_model, set_quant_state),
+``reconstruction`` (losses, caches, FBR / BRECQ / layer-wise), ``state`` (artifacts).
+"""
+
+from edadm.quant.adaround import AdaRoundQuantizer
+from edadm.quant.attention import QuantAttnProcessor
+from edadm.quant.blocks import ModelLayout, Unit, trace_model
+from edadm.quant.config import QuantConfig, ReconConfig
+from edadm.quant.layers import QuantLayer
+from edadm.quant.model import (
+    UnsupportedLayerWarning,
+    calibrate_activations,
+    describe_units,
+    quantize_model,
+    set_quant_state,
+)
+from edadm.quant.quantizer import (
+    UniformAffineQuantizer,
+    dequantize,
+    fake_quantize,
+    qparams_from_range,
+    quantize,
+    search_range,
+)
+from edadm.quant.reconstruction import (
+    CalibrationData,
+    fbr_loss,
+    lp_loss,
+    reconstruct,
+    report_rows,
+    run_reconstruction,
+)
+from edadm.quant.state import load_quant_model, load_quant_state, quant_state_dict
+
+__all__ = [
+    "AdaRoundQuantizer",
+    "CalibrationData",
+    "ModelLayout",
+    "QuantAttnProcessor",
+    "QuantConfig",
+    "QuantLayer",
+    "ReconConfig",
+    "UniformAffineQuantizer",
+    "Unit",
+    "UnsupportedLayerWarning",
+    "calibrate_activations",
+    "dequantize",
+    "describe_units",
+    "fake_quantize",
+    "fbr_loss",
+    "load_quant_model",
+    "load_quant_state",
+    "lp_loss",
+    "qparams_from_range",
+    "quant_state_dict",
+    "quantize",
+    "quantize_model",
+    "reconstruct",
+    "report_rows",
+    "run_reconstruction",
+    "search_range",
+    "set_quant_state",
+    "trace_model",
+]

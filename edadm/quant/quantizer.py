@@ -115,12 +115,16 @@ def search_min_max(
     channel_axis: int | None = None,
     p: float = SEARCH_P,
     one_sided: bool | None = None,
+    max_elements: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The range [min, max] minimising mean |x - x^|^p over 100 shrunk candidates.
 
     Candidates are (i / 100) times the extremes, i = 1..100: [-tau_i, tau_i] with tau_i from
     max|x| (symmetric), [0, tau_i] from max(x) (one-sided), or both extremes scaled
     (asymmetric). ``one_sided=None`` picks one-sided when the whole tensor is >= 0.
+    ``max_elements`` > 0 (per tensor only) estimates the error from at most that many
+    elements: the largest |x| eighth exactly plus a seeded uniform sample of the rest,
+    reweighted so the estimate stays unbiased (0: every element, as the reference).
     Returns ``(min, max)``: scalars, or [C] along ``channel_axis``.
     """
     x = x.detach().float()
@@ -140,13 +144,17 @@ def search_min_max(
     fractions = torch.arange(1, SEARCH_CANDIDATES + 1, device=x.device, dtype=torch.float32) / SEARCH_CANDIDATES
     cand_min, cand_max = fractions[:, None] * low[None], fractions[:, None] * high[None]
     scale, zero_point = qparams_from_range(cand_min, cand_max, bits, symmetric)  # [K, C]
-    chunk = max(1, min(SEARCH_CANDIDATES, _SEARCH_BUDGET // max(1, flat.numel())))
+    values, weights = flat, None
+    if channel_axis is None and 0 < max_elements < flat.shape[1]:
+        values, weights = _error_sample(flat[0], max_elements)
+    chunk = max(1, min(SEARCH_CANDIDATES, _SEARCH_BUDGET // max(1, values.numel())))
     errors = []
     for start in range(0, SEARCH_CANDIDATES, chunk):
         s = scale[start : start + chunk, :, None]
         z = zero_point[start : start + chunk, :, None]
-        x_hat = (torch.clamp(torch.round(flat[None] / s) + z, 0, grid_max(bits)) - z) * s  # [k, C, M]
-        errors.append((x_hat - flat[None]).abs_().pow_(p).mean(dim=2))
+        x_hat = values[None] / s  # [k, C, M], in place from here on
+        x_hat.round_().add_(z).clamp_(0, grid_max(bits)).sub_(z).mul_(s).sub_(values[None]).abs_().pow_(p)
+        errors.append(x_hat.mean(dim=2) if weights is None else (x_hat * weights).sum(dim=2))
     best = torch.cat(errors).argmin(dim=0)  # first minimum, like the reference's strict '<'
     channels = torch.arange(flat.shape[0], device=x.device)
     best_min, best_max = cand_min[best, channels], cand_max[best, channels]
@@ -162,14 +170,41 @@ def search_range(
     channel_axis: int | None = None,
     p: float = SEARCH_P,
     one_sided: bool | None = None,
+    max_elements: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, zero_point)`` of the best of 100 candidate ranges (see ``search_min_max``).
 
     Per tensor (``channel_axis=None``) both are scalars; otherwise one value per index along
     ``channel_axis``. zero_point is a float tensor holding integers in [0, 2^b - 1].
     """
-    best_min, best_max = search_min_max(x, bits, symmetric, channel_axis, p, one_sided)
+    best_min, best_max = search_min_max(x, bits, symmetric, channel_axis, p, one_sided, max_elements)
     return qparams_from_range(best_min, best_max, bits, symmetric)
+
+
+def _error_sample(flat: torch.Tensor, max_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weighted subset of ``flat`` [M] whose weighted error sum estimates the mean error.
+
+    The top k = max_elements / 8 elements by |x| (they decide the clipping error) enter with
+    weight 1 / M; a seeded uniform sample of m = max_elements - k elements, from which those
+    top ones are dropped, with weight 1 / m (unbiased for the mean error over the others).
+    Returns ``(values [1, n], weights [n])``.
+    """
+    total = flat.numel()
+    top = max(1, max_elements // 8)
+    magnitude = flat.abs()
+    top_values, top_index = magnitude.topk(top, sorted=False)
+    threshold = top_values.min()
+    generator = torch.Generator(device=flat.device).manual_seed(0)
+    sample = flat[torch.randint(total, (max_elements - top,), generator=generator, device=flat.device)]
+    rest = sample[sample.abs() < threshold]
+    values = torch.cat([flat[top_index], rest])
+    weights = torch.cat(
+        [
+            torch.full((top,), 1.0 / total, device=flat.device),
+            torch.full((rest.numel(),), 1.0 / max(1, max_elements - top), device=flat.device),
+        ]
+    )
+    return values[None], weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,6 +240,7 @@ class UniformAffineQuantizer(nn.Module):
         self.running_max: torch.Tensor | None = None
         self.drop_prob = 0.0
         self.generator: torch.Generator | None = None
+        self.search_max_elements = 0  # >0: subsampled error in the calibration search
 
     def extra_repr(self) -> str:
         granularity = "per-tensor" if self.channel_axis is None else f"per-channel({self.scale.numel()})"
@@ -236,7 +272,9 @@ class UniformAffineQuantizer(nn.Module):
         """Search this batch's range and fold it into the running range (EMA, METHOD.md 0)."""
         if self.one_sided is None:
             self.one_sided = bool(x.min() >= 0)
-        new_min, new_max = search_min_max(x, self.bits, self.symmetric, self.channel_axis, one_sided=self.one_sided)
+        new_min, new_max = search_min_max(
+            x, self.bits, self.symmetric, self.channel_axis, one_sided=self.one_sided, max_elements=self.search_max_elements
+        )
         if self.running_min is None:
             self.running_min, self.running_max = new_min, new_max
         else:

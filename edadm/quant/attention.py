@@ -1,0 +1,110 @@
+"""QuantAttnProcessor: a diffusers attention processor that quantizes q, k, v and the softmax output.
+
+METHOD.md 0: in attention, q, k, v and the softmax output are quantized (8 bit) and the QK^T
+and softmax * V products run on the fake-quantized operands. The projections (to_q, to_k,
+to_v, to_out.0) are QuantLayers, so their inputs are quantized there. The processor is set on
+each ``Attention`` with ``set_processor`` (no patching of diffusers internals); it keeps the
+processor it replaces and calls it whenever its quantization is off, so
+``set_quant_state(model, False, False)`` reproduces the float model exactly.
+
+It follows diffusers' ``AttnProcessor`` step by step (the explicit softmax is what lets us
+quantize the attention probabilities). Attention modules with features it does not
+reproduce (q / k norms, added kv projections, other processors) keep their processor and
+are reported as unsupported by ``quantize_model``.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from torch import nn
+
+from edadm.quant.quantizer import UniformAffineQuantizer
+
+SUPPORTED_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
+
+
+def unsupported_reason(attn: Attention) -> str | None:
+    """Why this Attention's products cannot be quantized by QuantAttnProcessor (None: they can)."""
+    if type(attn.processor) not in SUPPORTED_PROCESSORS:
+        return f"processor {type(attn.processor).__name__} is not AttnProcessor / AttnProcessor2_0"
+    if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+        return "q / k normalisation"
+    if getattr(attn, "added_kv_proj_dim", None) is not None:
+        return "added kv projections"
+    return None
+
+
+class QuantAttnProcessor(nn.Module):
+    """Quantizes q, k, v (``act_quantizer_q/k/v``) and the softmax output (``act_quantizer_w``)."""
+
+    def __init__(self, original_processor: object, bits: int, symmetric: bool = True) -> None:
+        super().__init__()
+        self.original_processor = original_processor
+        self.bits = bits
+        self.act_quantizer_q = UniformAffineQuantizer(bits, symmetric)
+        self.act_quantizer_k = UniformAffineQuantizer(bits, symmetric)
+        self.act_quantizer_v = UniformAffineQuantizer(bits, symmetric)
+        # the softmax output lies in [0, 1]: one-sided [0, tau] grid
+        self.act_quantizer_w = UniformAffineQuantizer(bits, symmetric, one_sided=True)
+        self.use_act_quant = True
+
+    def act_quantizers(self) -> list[UniformAffineQuantizer]:
+        return [self.act_quantizer_q, self.act_quantizer_k, self.act_quantizer_v, self.act_quantizer_w]
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if not self.use_act_quant:
+            return self.original_processor(
+                attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, temb=temb
+            )
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        # 1. projections (QuantLayers: their inputs are quantized there)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        # 2. quantized q, k, v (per tensor, so before or after the head split is the same)
+        query = attn.head_to_batch_dim(self.act_quantizer_q(query))
+        key = attn.head_to_batch_dim(self.act_quantizer_k(key))
+        value = attn.head_to_batch_dim(self.act_quantizer_v(value))
+
+        # 3. softmax(q k^T * scale), quantized, times v
+        attention_probs = self.act_quantizer_w(attn.get_attention_scores(query, key, attention_mask))
+        hidden_states = torch.bmm(attention_probs, value)
+        hidden_states = attn.batch_to_head_dim(hidden_states)
+
+        # 4. output projection and dropout
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

@@ -1,0 +1,239 @@
+"""Quantized model: wrap a diffusers UNet's layers in place (``quantize_model``) and switch them.
+
+What gets quantized (METHOD.md 0):
+- every nn.Conv2d and nn.Linear becomes a QuantLayer: weights per output channel at
+  ``quant.w_bits``, input per tensor at ``quant.a_bits``;
+- the first and the last weight quantizers in execution order (the time-embedding linear_1
+  and conv_out in diffusers UNets) use ``quant.first_last_bits`` (8);
+- the input of the last layer (conv_out) stays in float; GroupNorm / SiLU are not quantized;
+- the up path's concat([h, skip]) inputs get split quantizers (``quant.split_shortcut``);
+- attention q, k, v and softmax output at ``quant.attn_bits`` through QuantAttnProcessor
+  (only when activations are quantized: they are activations).
+Anything else that holds a weight matrix (ConvTranspose2d, Conv1d, Embedding, subclasses of
+Conv2d / Linear such as LoRA-compatible layers, PEFT LoRA wrappers) is listed, left in float,
+and reported with an ``UnsupportedLayerWarning``; so is an attention whose products the
+processor cannot reproduce, and a layer that does not run in the traced forward.
+
+The model stays a drop-in: same class, same forward signature, float weights under the same
+state_dict keys; ``set_quant_state(model, False, False)`` gives the float model's outputs
+exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import Attention
+from torch import nn
+from tqdm.auto import tqdm
+
+from edadm.quant.attention import QuantAttnProcessor, unsupported_reason
+from edadm.quant.blocks import ModelLayout, Unit, default_example_inputs, trace_model
+from edadm.quant.config import QuantConfig, is_float_bits
+from edadm.quant.layers import QuantLayer
+from edadm.quant.quantizer import UniformAffineQuantizer
+
+logger = logging.getLogger(__name__)
+
+INFO_ATTR = "_edadm_quant"
+
+
+class UnsupportedLayerWarning(UserWarning):
+    """A layer holding weights was left in float because QuantLayer cannot wrap it."""
+
+
+@dataclass
+class QuantModelInfo:
+    """Attached to a quantized model (``model._edadm_quant``)."""
+
+    config: QuantConfig
+    layout: ModelLayout
+    unsupported: list[str] = field(default_factory=list)  # "name (Type): reason"
+
+
+def quant_info(model: nn.Module) -> QuantModelInfo:
+    info = getattr(model, INFO_ATTR, None)
+    if info is None:
+        raise ValueError("this model is not quantized: call edadm.quant.quantize_model(unet, config) first")
+    return info
+
+
+def _is_lora(module: nn.Module) -> bool:
+    return any(hasattr(module, attr) for attr in ("base_layer", "lora_A", "lora_layer"))
+
+
+def scan_layers(model: nn.Module) -> tuple[list[str], list[str]]:
+    """``(quantizable, unsupported)``: names of exact Conv2d / Linear layers, and "name (Type): reason"."""
+    quantizable, unsupported, skipped = [], [], []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in skipped):
+            continue
+        if isinstance(module, QuantLayer):
+            raise ValueError(f"{name} is already a QuantLayer: quantize the float model, not a quantized one")
+        if _is_lora(module):
+            unsupported.append(f"{name} ({type(module).__name__}): LoRA layer")
+            skipped.append(name + ".")
+        elif type(module) in (nn.Conv2d, nn.Linear):
+            quantizable.append(name)
+        else:
+            weight = module._parameters.get("weight")
+            if weight is not None and weight.ndim >= 2:
+                unsupported.append(f"{name} ({type(module).__name__}): not an nn.Conv2d / nn.Linear")
+    return quantizable, unsupported
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _bits(bits: int) -> int | None:
+    return None if is_float_bits(bits) else bits
+
+
+def quantize_model(
+    unet: nn.Module,
+    config: QuantConfig,
+    *,
+    example_inputs: Mapping[str, Any] | None = None,
+    layout: ModelLayout | None = None,
+    inplace: bool = False,
+    init_weights: bool = True,
+) -> nn.Module:
+    """Wrap a diffusers UNet2DModel / UNet2DConditionModel for fake quantization.
+
+    ``example_inputs``: forward keyword arguments for the trace (default: one sample built
+    from the config). ``layout``: a stored layout (from a manifest) instead of tracing.
+    ``inplace``: modify ``unet`` itself instead of a deep copy. ``init_weights``: search the
+    weight ranges and round to nearest now (skipped when a saved state is loaded next).
+
+    Returns the model with weight quantization on and activation quantization on; the
+    activation ranges must be initialised (``calibrate_activations`` or a loaded state) before
+    a quantized forward.
+    """
+    if hasattr(unet, INFO_ATTR):
+        raise ValueError("quantize_model got an already quantized model")
+    model = unet if inplace else copy.deepcopy(unet)
+    quantizable, unsupported = scan_layers(model)
+    if layout is None:
+        layout = trace_model(model, example_inputs or default_example_inputs(model), quantizable)
+    ran = set(layout.layer_order)
+    for name in quantizable:
+        if name not in ran:
+            unsupported.append(f"{name} ({type(model.get_submodule(name)).__name__}): did not run in the traced forward")
+
+    # 1. layers
+    w_bits, a_bits = _bits(config.w_bits), _bits(config.a_bits)
+    first, last = layout.layer_order[0], layout.layer_order[-1]
+    for name in layout.layer_order:
+        layer_w_bits = _bits(config.first_last_bits) if w_bits and name in (first, last) else w_bits
+        layer_a_bits = None if name == last else a_bits
+        split = layout.splits.get(name, 0) if config.split_shortcut else 0
+        module = model.get_submodule(name)
+        _set_submodule(model, name, QuantLayer(module, layer_w_bits, layer_a_bits, config.symmetric, split))
+
+    # 2. attention products
+    attn_bits = _bits(config.attn_bits)
+    if a_bits and attn_bits:
+        for name, module in model.named_modules():
+            if isinstance(module, Attention):
+                reason = unsupported_reason(module)
+                if reason:
+                    unsupported.append(f"{name} (Attention): products left in float, {reason}")
+                else:
+                    module.set_processor(QuantAttnProcessor(module.processor, attn_bits, config.symmetric))
+
+    for quantizer in act_quantizers(model):
+        quantizer.search_max_elements = config.act_search_elements
+
+    for entry in unsupported:
+        warnings.warn(f"left in float: {entry}", UnsupportedLayerWarning, stacklevel=2)
+        logger.warning("left in float: %s", entry)
+
+    # 3. weight ranges (100-candidate search per output channel) and nearest rounding
+    if init_weights:
+        layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
+        for layer in tqdm(layers, desc="weight ranges", unit="layer", leave=False, disable=len(layers) < 50):
+            layer.init_weight_range()
+
+    object.__setattr__(model, INFO_ATTR, QuantModelInfo(config, layout, unsupported))
+    set_quant_state(model, weights=True, activations=True)
+    return model
+
+
+def set_quant_state(model: nn.Module, weights: bool, activations: bool) -> None:
+    """Switch weight and activation quantization on / off in ``model`` (or any submodule)."""
+    for module in model.modules():
+        if isinstance(module, QuantLayer):
+            module.use_weight_quant = weights
+            module.use_act_quant = activations
+        elif isinstance(module, QuantAttnProcessor):
+            module.use_act_quant = activations
+
+
+def quant_layers(model: nn.Module) -> dict[str, QuantLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLayer)}
+
+
+def act_quantizers(model: nn.Module) -> list[UniformAffineQuantizer]:
+    """Every activation quantizer (layer inputs and attention products) in ``model``."""
+    quantizers = []
+    for module in model.modules():
+        if isinstance(module, (QuantLayer, QuantAttnProcessor)):
+            quantizers.extend(module.act_quantizers())
+    return quantizers
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> None:
+    """Initialise every activation range batch by batch (search + EMA, METHOD.md 0).
+
+    ``batches`` yields forward keyword arguments already on the model's device. Weights are
+    quantized during the pass (as in the official code), so each quantizer sees the input the
+    quantized network gives it.
+    """
+    quantizers = act_quantizers(model)
+    for quantizer in quantizers:
+        quantizer.start_calibration()
+    set_quant_state(model, weights=True, activations=True)
+    try:
+        for inputs in batches:
+            model(**inputs)
+    finally:
+        for quantizer in quantizers:
+            quantizer.finish_calibration()
+
+
+def describe_units(model: nn.Module) -> list[dict[str, Any]]:
+    """The reconstruction units in network order with their quantized layers and bit-widths.
+
+    ``[{"name", "kind": "block" | "layer", "type", "layers": [{"name", "type", "w_bits",
+    "a_bits", "split", "shape"}]}]``; bits are None where that side stays in float.
+    """
+    info = quant_info(model)
+    layers = quant_layers(model)
+    return [_describe_unit(unit, layers) for unit in info.layout.units]
+
+
+def _describe_unit(unit: Unit, layers: Mapping[str, QuantLayer]) -> dict[str, Any]:
+    described = []
+    for name in unit.layers:
+        layer = layers[name]
+        described.append(
+            {
+                "name": name,
+                "type": layer.layer_type,
+                "w_bits": layer.w_bits,
+                "a_bits": layer.a_bits,
+                "split": layer.split,
+                "shape": list(layer.weight.shape),
+            }
+        )
+    return {**unit.to_dict(), "layers": described}

@@ -1,0 +1,273 @@
+"""The quantization state on disk: save / load, manifests, checkpoints, ``load_quant_model``.
+
+``state.safetensors`` holds, per quantized layer, ``{layer}.weight_int`` (uint8 codes) and,
+per quantizer (weights: ``{layer}.weight_quantizer[_0]``, activations:
+``{layer}.act_quantizer[_0]``, ``{attention}.processor.act_quantizer_q/k/v/w``),
+``{quantizer}.scale`` (float32; per output channel for weights, a scalar step for
+activations), ``{quantizer}.zero_point`` (int32) and ``{quantizer}.bits`` (int32). The float
+weights are not in it: they come from the model directory, whose hash the manifest records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from edadm.artifacts import ArtifactError, atomic_output, read_json, write_json
+from edadm.config import ParamError, as_dict, from_dict
+from edadm.quant.attention import QuantAttnProcessor
+from edadm.quant.blocks import ModelLayout
+from edadm.quant.config import QuantConfig, ReconConfig
+from edadm.quant.layers import QuantLayer
+from edadm.quant.model import describe_units, quant_info, quant_layers, quantize_model
+from edadm.quant.quantizer import UniformAffineQuantizer
+
+logger = logging.getLogger(__name__)
+
+SCHEMA = "edadm.quant"
+SCHEMA_VERSION = 1
+STAGE = "reconstruct"
+
+
+# ---------------------------------------------------------------------------------------------
+# State tensors
+# ---------------------------------------------------------------------------------------------
+def quant_state_dict(module: nn.Module, prefix: str = "", activations_only: bool = False) -> dict[str, torch.Tensor]:
+    """The quantization state of ``module`` (names prefixed by ``prefix``), CPU tensors."""
+    state = {}
+    for name, m in module.named_modules(prefix=prefix):
+        if isinstance(m, QuantLayer) and m.weight_int is not None and not activations_only:
+            state[f"{name}.weight_int"] = m.weight_int.detach().cpu().clone()
+        elif isinstance(m, UniformAffineQuantizer):
+            if activations_only and m.channel_axis is not None:
+                continue
+            state[f"{name}.scale"] = m.scale.detach().float().cpu().clone()
+            state[f"{name}.zero_point"] = m.zero_point.detach().round().to(torch.int32).cpu()
+            state[f"{name}.bits"] = torch.tensor(m.bits, dtype=torch.int32)
+    return state
+
+
+@torch.no_grad()
+def load_quant_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+    """Set integer weights and quantizer ranges from ``tensors`` (``quant_state_dict``'s format).
+
+    ``strict``: every quantizer of ``model`` must be present, and nothing else.
+    Raises KeyError / ValueError naming the tensors that do not fit.
+    """
+    modules = dict(model.named_modules())
+    if strict:
+        expected = set(quant_state_dict(model))
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if missing or unexpected:
+            raise KeyError(f"quant state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    by_module: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, tensor in tensors.items():
+        name, _, attr = key.rpartition(".")
+        by_module[name][attr] = tensor
+    for name, values in by_module.items():
+        module = modules.get(name)
+        if isinstance(module, QuantLayer) and set(values) == {"weight_int"}:
+            if module.weight_int is None or module.weight_int.shape != values["weight_int"].shape:
+                raise ValueError(f"{name}.weight_int does not fit the layer {tuple(module.weight.shape)}")
+            module.weight_int.copy_(values["weight_int"])
+        elif isinstance(module, UniformAffineQuantizer) and set(values) == {"scale", "zero_point", "bits"}:
+            if int(values["bits"]) != module.bits:
+                raise ValueError(f"{name} has {module.bits} bits in the model, {int(values['bits'])} in the state")
+            module.set_qparams(values["scale"].to(module.scale.device), values["zero_point"].to(module.scale.device).float())
+        else:
+            raise KeyError(f"quant state entries {sorted(values)} for {name!r} fit no quantizer of the model")
+
+
+def save_quant_state(model: nn.Module, path: str | Path) -> None:
+    """Write the whole quantization state of ``model`` to a safetensors file."""
+    save_file(quant_state_dict(model), str(path), metadata={"schema": SCHEMA, "schema_version": str(SCHEMA_VERSION)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashes
+# ---------------------------------------------------------------------------------------------
+def _update(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    tensor = tensor.detach().cpu().contiguous()
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def model_hash(model: nn.Module) -> str:
+    """sha256 of a float model's state_dict (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        _update(digest, name, tensor)
+    return digest.hexdigest()
+
+
+def calibration_hash(calib: Any) -> str:
+    """sha256 of the calibration set's tensors (x, t, encoder_hidden_states)."""
+    digest = hashlib.sha256()
+    for name in ("x", "t", "encoder_hidden_states"):
+        value = getattr(calib, name)
+        if value is not None:
+            _update(digest, name, value)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------
+def build_manifest(
+    model: nn.Module, recon_config: ReconConfig, weights_hash: str, data_hash: str, run_key: str
+) -> dict[str, Any]:
+    """What ``edadm inspect`` shows and ``load_quant_model`` needs to rebuild the model."""
+    info = quant_info(model)
+    layers = quant_layers(model)
+    float_bytes = quant_bytes = 0
+    for layer in layers.values():
+        numel, size = layer.weight.numel(), layer.weight.element_size()
+        float_bytes += numel * size
+        quant_bytes += numel * layer.w_bits / 8 if layer.w_bits else numel * size
+    attention = {
+        name.removesuffix(".processor"): m.bits for name, m in model.named_modules() if isinstance(m, QuantAttnProcessor)
+    }
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "stage": STAGE,
+        "model_class": type(model).__name__,
+        "model_hash": weights_hash,
+        "calibration_hash": data_hash,
+        "run_key": run_key,
+        "quant": as_dict(info.config),
+        "recon": as_dict(recon_config),
+        "units": describe_units(model),
+        "layers": {
+            name: {"type": m.layer_type, "w_bits": m.w_bits, "a_bits": m.a_bits, "split": m.split}
+            for name, m in layers.items()
+        },
+        "attention": attention,
+        "unsupported": list(info.unsupported),
+        "size": {"float_weight_bytes": float_bytes, "quantized_weight_bytes": int(quant_bytes)},
+        "layout": info.layout.to_dict(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints of an unfinished run
+# ---------------------------------------------------------------------------------------------
+class CheckpointStore:
+    """Per-step checkpoints under ``work_dir/key``: one safetensors file per step + progress.json.
+
+    A step's file holds only the state that step changed (a unit's quantizers, or every
+    activation range after a calibration). The key hashes configs, data and weights, so a
+    checkpoint of another run is never picked up.
+    """
+
+    def __init__(self, work_dir: str | Path, key: str) -> None:
+        self.key = key
+        self.path = Path(work_dir) / key
+        self.records: list[dict[str, Any]] = []
+
+    @property
+    def progress_path(self) -> Path:
+        return self.path / "progress.json"
+
+    def finished(self, step_names: list[str]) -> list[dict[str, Any]]:
+        """The checkpointed steps, which must be the first steps of ``step_names`` in order."""
+        self.records = []
+        if not self.progress_path.exists():
+            return []
+        try:
+            progress = json.loads(self.progress_path.read_text())
+            records = progress["steps"] if progress.get("key") == self.key else []
+        except (json.JSONDecodeError, KeyError, TypeError):
+            records = []
+        for i, record in enumerate(records):
+            if i >= len(step_names) or record.get("step") != step_names[i] or not (self.path / record["file"]).exists():
+                logger.warning("checkpoint %s does not match this run from step %d: starting over", self.path, i)
+                return []
+            self.records.append(record)
+        if self.records:
+            logger.info("resuming from %s: %d of %d steps done", self.path, len(self.records), len(step_names))
+        return list(self.records)
+
+    def save(self, step_name: str, tensors: Mapping[str, torch.Tensor], entry: Mapping[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        file = f"step_{len(self.records):04d}.safetensors"
+        with atomic_output(self.path / file) as tmp:
+            save_file(dict(tensors), str(tmp))
+        self.records.append({"step": step_name, "file": file, "entry": dict(entry)})
+        write_json(self.progress_path, {"key": self.key, "steps": self.records})
+
+    def load(self, record: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path / record["file"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a reconstructed model
+# ---------------------------------------------------------------------------------------------
+def _unet_class(model_dir: Path) -> type:
+    from diffusers import UNet2DConditionModel, UNet2DModel
+
+    config_path = model_dir / "config.json"
+    config = read_json(config_path, stage="model")
+    classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
+    name = config.get("_class_name")
+    if name not in classes:
+        raise ArtifactError(f"{config_path}: _class_name {name!r} is not one of {', '.join(classes)}")
+    return classes[name]
+
+
+def load_quant_model(
+    model_dir: str | Path, quant_dir: str | Path, device: torch.device | str = "cpu", check_model: bool = True
+) -> nn.Module:
+    """Rebuild the fake-quant model of a ``reconstruct`` run.
+
+    ``model_dir``: the float diffusers UNet (``save_pretrained`` directory); ``quant_dir``: the
+    output of ``run_reconstruction``. Outputs are bitwise equal to those of the model at the
+    end of reconstruction (same device). ``check_model`` verifies that the float weights are
+    the ones the state was made for. Raises ArtifactError for a missing or incomplete
+    ``quant_dir`` (naming the file and the ``reconstruct`` stage) or another model.
+    """
+    model_dir, quant_dir = Path(model_dir), Path(quant_dir)
+    remedy = f"it is made by the '{STAGE}' stage: run `dvc repro {STAGE}`"
+    manifest_path, state_path = quant_dir / "manifest.json", quant_dir / "state.safetensors"
+    manifest = read_json(manifest_path, stage=STAGE)
+    if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{manifest_path} is schema {manifest.get('schema')} v{manifest.get('schema_version')}, this edadm reads "
+            f"{SCHEMA} v{SCHEMA_VERSION}; rerun it with `dvc repro -f {STAGE}`"
+        )
+    for key in ("quant", "layout", "model_hash"):
+        if key not in manifest:
+            raise ArtifactError(f"{manifest_path} lacks '{key}' (truncated?); {remedy}")
+    if not state_path.exists():
+        raise ArtifactError(f"{state_path} not found; {remedy}")
+    try:
+        tensors = load_file(str(state_path))
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise ArtifactError(f"{state_path} could not be read ({err}); {remedy}") from err
+
+    unet = _unet_class(model_dir).from_pretrained(model_dir)
+    if check_model and model_hash(unet) != manifest["model_hash"]:
+        raise ArtifactError(
+            f"{quant_dir} was made for other weights than {model_dir}: rerun `dvc repro {STAGE}`"
+        )
+    try:
+        config = from_dict(QuantConfig, manifest["quant"], "quant")
+    except ParamError as err:
+        raise ArtifactError(f"{manifest_path}: {err}") from err
+    model = quantize_model(
+        unet, config, layout=ModelLayout.from_dict(manifest["layout"]), inplace=True, init_weights=False
+    )
+    try:
+        load_quant_state(model, tensors, strict=True)
+    except (KeyError, ValueError) as err:
+        raise ArtifactError(f"{state_path} is incomplete or of another model ({err}); {remedy}") from err
+    return model.to(device).eval()

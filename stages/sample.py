@@ -1,0 +1,44 @@
+"""Stages `sample_fp` and `sample_quant`: evaluation samples from the same per-image seeds.
+
+`--which fp` samples the full-precision model; `--which quant` the fake-quantized model
+rebuilt from artifacts/quant. Two DVC stages, so a change of quantization params reruns only
+the quantized sampling. Outputs: artifacts/samples/{fp,quant}.zarr.
+"""
+
+from __future__ import annotations
+
+import click
+
+from edadm.config import load_params, load_section
+from edadm.diffusion.loading import load_scheduler, load_unet
+from edadm.diffusion.samples import SampleConfig, generate_samples
+from edadm.diffusion.sampling import SamplerConfig
+from edadm.runtime import configure_logging, resolve_device
+
+
+@click.command()
+@click.option("--which", type=click.Choice(["fp", "quant"]), required=True)
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--model", "model_dir", default="artifacts/model", show_default=True)
+@click.option("--quant", "quant_dir", default="artifacts/quant", show_default=True)
+@click.option("--out", default=None, help="default: artifacts/samples/{fp,quant}.zarr")
+def main(which: str, params_path: str, model_dir: str, quant_dir: str, out: str | None) -> None:
+    configure_logging()
+    params = load_params(params_path)
+    config = load_section(SampleConfig, "sample", params)
+    sampler_config = load_section(SamplerConfig, "sampler", params)
+    device = resolve_device(params.get("device", "auto"))
+    if which == "fp":
+        unet = load_unet(model_dir, param="the model stage's output")
+        attrs = {"model": "fp"}
+    else:
+        from edadm.quant import load_quant_model
+
+        unet = load_quant_model(model_dir, quant_dir)
+        attrs = {"model": "quant", "quant": params.get("quant"), "recon": params.get("recon")}
+    out = out or f"artifacts/samples/{which}.zarr"
+    generate_samples(unet, load_scheduler(model_dir), sampler_config, config, out, device, attrs, desc=f"sample {which}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""edadm.quant on tiny UNets: quantizer arithmetic, wrapping, FBR, artifacts, resume."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
+from safetensors.torch import load_file
+from torch import nn
+
+from edadm.artifacts import ArtifactError
+from edadm.config import ParamError, from_dict
+from edadm.quant import (
+    AdaRoundQuantizer,
+    CalibrationData,
+    QuantConfig,
+    QuantLayer,
+    ReconConfig,
+    UnsupportedLayerWarning,
+    calibrate_activations,
+    dequantize,
+    describe_units,
+    fake_quantize,
+    fbr_loss,
+    load_quant_model,
+    quantize,
+    quantize_model,
+    report_rows,
+    run_reconstruction,
+    search_range,
+    set_quant_state,
+)
+from edadm.quant.model import quant_info
+from edadm.quant.reconstruction import reconstruct
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------
+def tiny_unet(seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        attention_head_dim=8,
+    ).eval()
+
+
+def tiny_cond_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=2,
+        out_channels=2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    ).eval()
+
+
+def tiny_calib(n: int = 16, channels: int = 1, text: bool = False, seed: int = 1) -> CalibrationData:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    ehs = torch.randn(n, 3, 8, generator=g) if text else None
+    return CalibrationData(x, t, ehs)
+
+
+def quick_recon(**overrides) -> ReconConfig:
+    params = {"iters": 4, "batch_size": 8, "init_batch_size": 8, "cache_batch_size": 8, **overrides}
+    return ReconConfig(**params)
+
+
+def sqnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    return 20 * math.log10(float(x.norm() / (x - y).norm()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantizer arithmetic
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits, threshold", [(8, 38.0), (4, 16.0)])
+@pytest.mark.parametrize("channel_axis", [None, 0])
+def test_sqnr(bits: int, threshold: float, channel_axis: int | None) -> None:
+    x = torch.randn(16, 32, 3, 3, generator=torch.Generator().manual_seed(0))
+    scale, zero_point = search_range(x, bits, channel_axis=channel_axis)
+    y = fake_quantize(x, scale, zero_point, bits, channel_axis)
+    assert sqnr(x, y) > threshold
+
+
+@pytest.mark.parametrize("channel_axis", [None, 0])
+def test_round_trip_on_grid(channel_axis: int | None) -> None:
+    x = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    scale, zero_point = search_range(x, 4, channel_axis=channel_axis)
+    q = quantize(x, scale, zero_point, 4, channel_axis)
+    x_hat = dequantize(q, scale, zero_point, channel_axis)
+    assert torch.equal(quantize(x_hat, scale, zero_point, 4, channel_axis), q)
+    assert q.min() >= 0 and q.max() <= 15 and torch.equal(q, q.round())
+
+
+def test_search_range_grid_convention() -> None:
+    x = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 7)[:, None]
+    # symmetric: zero_point 2^(b-1), scale = 2 tau / (2^b - 1) with tau = (i / 100) max|x|
+    scale, zero_point = search_range(x, 8, channel_axis=0)
+    assert scale.shape == zero_point.shape == (6,)
+    assert torch.all(zero_point == 128)
+    tau = scale * 255 / 2
+    fractions = tau / x.abs().amax(dim=1)
+    assert torch.allclose(fractions * 100, (fractions * 100).round(), atol=1e-3)
+    assert torch.all(fractions <= 1 + 1e-6)
+    # per tensor: scalars; non-negative tensors use [0, tau], zero_point 0
+    scale, zero_point = search_range(x.abs(), 8)
+    assert scale.ndim == 0 and float(zero_point) == 0
+    # asymmetric: zero_point = round(-min / scale)
+    scale, zero_point = search_range(x + 2.0, 8, symmetric=False)
+    assert 0 <= float(zero_point) <= 255 and float(zero_point) == round(float(zero_point))
+    # the best candidate is not worse than the full range
+    full = 2 * x.abs().max() / 255
+    err_best = (fake_quantize(x, *search_range(x, 4), 4) - x).abs().pow(2.4).mean()
+    err_full = (fake_quantize(x, full * 255 / 15, torch.tensor(8.0), 4) - x).abs().pow(2.4).mean()
+    assert err_best <= err_full
+
+
+def test_subsampled_search_close_to_exact() -> None:
+    x = torch.randn(200_000, generator=torch.Generator().manual_seed(0))
+    exact, _ = search_range(x, 8)
+    approx, _ = search_range(x, 8, max_elements=16384)
+    assert abs(float(approx / exact) - 1) < 0.05
+
+
+def test_adaround_hard_rounding_equals_nearest_at_init() -> None:
+    weight = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    scale, zero_point = search_range(weight, 4, channel_axis=0)
+    scale, zero_point = scale.view(-1, 1, 1, 1), zero_point.view(-1, 1, 1, 1)
+    ada = AdaRoundQuantizer(weight, scale, zero_point, 4)
+    assert torch.equal(ada.integer_weight().float(), quantize(weight, scale, zero_point, 4))
+    ada.soft_targets = False
+    assert torch.allclose(ada(), fake_quantize(weight, scale, zero_point, 4))
+    ada.soft_targets = True  # h(alpha) = frac(W / scale): the soft weight is the float weight, unclamped
+    inside = (quantize(weight, scale, zero_point, 4) > 0) & (quantize(weight, scale, zero_point, 4) < 15)
+    assert torch.allclose(ada()[inside], weight[inside], atol=1e-5)
+
+
+def test_fbr_loss_matches_direct_computation() -> None:
+    g = torch.Generator().manual_seed(0)
+    out_q, out_fp = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
+    layers_q = [torch.randn(4, 6, 5, 5, generator=g), torch.randn(4, 7, 10, generator=g), torch.randn(4, 3, generator=g)]
+    layers_fp = [torch.randn_like(t) for t in layers_q]
+
+    def direct(p, t):
+        return float(((p - t) ** 2).sum(dim=1).mean())
+
+    expected = direct(out_q, out_fp) + 0.8 * (direct(layers_q[0], layers_fp[0]) + direct(layers_q[1], layers_fp[1]))
+    assert float(fbr_loss(out_q, out_fp, layers_q, layers_fp, 0.8)) == pytest.approx(expected, rel=1e-6)
+    assert float(fbr_loss(out_q, out_fp, layers_q[:1], layers_fp[:1], 0.8)) == pytest.approx(direct(out_q, out_fp))
+
+
+# ---------------------------------------------------------------------------------------------
+# Config errors
+# ---------------------------------------------------------------------------------------------
+def test_bad_params_name_the_dotted_param() -> None:
+    with pytest.raises(ParamError, match="quant.w_bits"):
+        QuantConfig(w_bits=9)
+    with pytest.raises(ParamError, match="quant.a_bits"):
+        from_dict(QuantConfig, {"a_bits": 1}, "quant")
+    with pytest.raises(ParamError, match="recon.method"):
+        from_dict(ReconConfig, {"method": "adaround"}, "recon")
+    with pytest.raises(ParamError, match="recon.method"):
+        ReconConfig(method="adaround")
+    with pytest.raises(ParamError, match="recon.lr_w"):
+        from_dict(ReconConfig, {"lr_w": "fast"}, "recon")
+    assert QuantConfig(w_bits=4, a_bits=32).quantizes_activations is False
+    assert from_dict(ReconConfig, {"lr_w": "1e-2"}, "recon").learning_rates(4) == (1e-2, 5e-4)
+    assert ReconConfig().learning_rates(8) == (5e-2, 1e-3)
+    with pytest.raises(ValueError, match="empty"):
+        CalibrationData(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantized model
+# ---------------------------------------------------------------------------------------------
+def test_layout_order_split_and_bits() -> None:
+    model = quantize_model(tiny_unet(), QuantConfig(w_bits=4, a_bits=8))
+    layout = quant_info(model).layout
+    names = [unit.name for unit in layout.units]
+    assert names[:3] == ["time_embedding.linear_1", "time_embedding.linear_2", "conv_in"]
+    assert names[-1] == "conv_out"
+    kinds = {unit.type for unit in layout.units if unit.kind == "block"}
+    assert kinds == {"ResnetBlock2D", "Attention"}
+    # split = channels of h in concat([h, skip]): mid output (16) + skip (16), then 16 + 8, ...
+    assert layout.splits["up_blocks.0.resnets.0.conv1"] == 16
+    assert layout.splits["up_blocks.0.resnets.0.conv_shortcut"] == 16
+    assert layout.splits["up_blocks.1.resnets.0.conv1"] == 16  # after the upsampler: 16 + skip 8
+    layer = model.get_submodule("up_blocks.1.resnets.0.conv1")
+    assert layer.split == 16 and layer.act_quantizer_0 is not None and layer.weight_quantizer_0 is not None
+    # first and last weight quantizers at 8 bit, conv_out's input in float
+    assert model.get_submodule("time_embedding.linear_1").w_bits == 8
+    assert model.get_submodule("conv_out").w_bits == 8 and model.get_submodule("conv_out").a_bits is None
+    assert model.get_submodule("conv_in").w_bits == 4
+    units = describe_units(model)
+    assert units[3]["kind"] == "block" and units[3]["layers"][0]["w_bits"] == 4
+
+
+def test_quant_state_off_reproduces_float_exactly() -> None:
+    unet = tiny_unet()
+    calib = tiny_calib()
+    model = quantize_model(unet, QuantConfig())
+    calibrate_activations(model, calib.batches(8, "cpu"))
+    x, t = calib.x[:4], calib.t[:4]
+    with torch.no_grad():
+        reference = unet(x, t).sample
+        quantized = model(x, t).sample
+        set_quant_state(model, False, False)
+        restored = model(x, t).sample
+    assert torch.equal(restored, reference)
+    assert not torch.equal(quantized, reference)
+    assert sqnr(reference, quantized) > 15
+
+
+def test_w32a32_leaves_everything_float() -> None:
+    unet = tiny_unet()
+    model = quantize_model(unet, QuantConfig(w_bits=32, a_bits=32, first_last_bits=32))
+    assert all(
+        layer.weight_quantizer is None and layer.act_quantizer is None
+        for layer in model.modules()
+        if isinstance(layer, QuantLayer)
+    )
+    calib = tiny_calib(4)
+    with torch.no_grad():
+        assert torch.equal(model(calib.x, calib.t).sample, unet(calib.x, calib.t).sample)
+
+
+def test_unsupported_layer_warns_and_stays_float() -> None:
+    unet = tiny_unet()
+    unet.conv_out = nn.ConvTranspose2d(8, 1, 3, padding=1)
+    with pytest.warns(UnsupportedLayerWarning, match=r"conv_out \(ConvTranspose2d\)"):
+        model = quantize_model(unet, QuantConfig())
+    assert type(model.conv_out) is nn.ConvTranspose2d
+    assert any("conv_out" in entry for entry in quant_info(model).unsupported)
+
+
+def test_tiny_unet2d_condition_model_quantizes_and_runs() -> None:
+    unet = tiny_cond_unet()
+    calib = tiny_calib(8, channels=2, text=True)
+    model = quantize_model(unet, QuantConfig(w_bits=8, a_bits=8), example_inputs=calib.model_inputs(slice(0, 1), "cpu"))
+    units = quant_info(model).layout.units
+    types = {u.type for u in units}
+    assert "BasicTransformerBlock" in types and "ResnetBlock2D" in types
+    assert any(u.name.endswith("proj_in") and u.kind == "layer" for u in units)
+    calibrate_activations(model, calib.batches(4, "cpu"))
+    inputs = calib.model_inputs(slice(0, 4), "cpu")
+    with torch.no_grad():
+        quantized = model(**inputs).sample
+        reference = unet(**inputs).sample
+    assert quantized.shape == reference.shape and torch.isfinite(quantized).all()
+    assert sqnr(reference, quantized) > 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconstruction
+# ---------------------------------------------------------------------------------------------
+def test_fbr_lowers_block_losses_w4(tmp_path) -> None:
+    unet = tiny_unet()
+    calib = tiny_calib(32)
+    report = run_reconstruction(
+        unet,
+        calib,
+        QuantConfig(w_bits=4, a_bits=8),
+        quick_recon(iters=60),
+        tmp_path / "quant",
+        tmp_path / "work",
+        "cpu",
+    )
+    blocks = [e for e in report["steps"] if e.get("kind") == "block"]
+    assert blocks and all(e["iters"] == 60 for e in blocks)
+    lowered = [e["loss_after"] < e["loss_before"] for e in blocks]
+    assert sum(lowered) >= len(blocks) - 1, [(e["unit"], e["loss_before"], e["loss_after"]) for e in blocks]
+    first = blocks[0]
+    assert first["loss_after"] < first["loss_before"]
+    assert set(first["layer_losses_after"]) == set(quant_info(unet).layout.units[3].layers)
+    rows = report_rows(report)
+    assert len(rows) == len(quant_info(unet).layout.units) and {"unit", "loss_before", "seconds"} <= set(rows[0])
+    assert not (tmp_path / "work").exists()
+
+
+def test_save_load_bitwise_and_missing_artifacts(tmp_path) -> None:
+    unet = tiny_unet()
+    unet.save_pretrained(tmp_path / "model")
+    calib = tiny_calib(16)
+    run_reconstruction(
+        unet, calib, QuantConfig(w_bits=4), quick_recon(), tmp_path / "quant", tmp_path / "work", "cpu"
+    )
+    assert {p.name for p in (tmp_path / "quant").iterdir()} == {"state.safetensors", "manifest.json", "report.json"}
+    state = load_file(tmp_path / "quant" / "state.safetensors")
+    assert state["conv_in.weight_int"].dtype == torch.uint8
+    assert int(state["conv_in.weight_quantizer.bits"]) == 4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing unsupported in this model
+        loaded = load_quant_model(tmp_path / "model", tmp_path / "quant")
+    with torch.no_grad():
+        assert torch.equal(loaded(calib.x, calib.t).sample, unet(calib.x, calib.t).sample)
+    # missing or incomplete artifacts name the file and the stage
+    (tmp_path / "quant" / "state.safetensors").unlink()
+    with pytest.raises(ArtifactError, match=r"state\.safetensors.*reconstruct"):
+        load_quant_model(tmp_path / "model", tmp_path / "quant")
+    with pytest.raises(ArtifactError, match=r"manifest\.json.*reconstruct"):
+        load_quant_model(tmp_path / "model", tmp_path / "nothing")
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_skips_finished_units_and_matches_uninterrupted(tmp_path) -> None:
+    calib = tiny_calib(16)
+    qc, rc = QuantConfig(w_bits=4), quick_recon(iters=3)
+    done_first: list[str] = []
+
+    def stop_after_first_unit(step: str, entry: dict) -> None:
+        done_first.append(step)
+        if entry["phase"] != "calibrate":
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_reconstruction(tiny_unet(), calib, qc, rc, tmp_path / "a", tmp_path / "work", "cpu", callback=stop_after_first_unit)
+    assert done_first == ["calibrate", "joint:time_embedding.linear_1"]
+    assert not (tmp_path / "a").exists() and (tmp_path / "work").exists()
+
+    resumed: list[str] = []
+    report = run_reconstruction(
+        tiny_unet(), calib, qc, rc, tmp_path / "a", tmp_path / "work", "cpu", callback=lambda s, e: resumed.append(s)
+    )
+    assert resumed[0] == "joint:time_embedding.linear_2"  # the finished steps were skipped
+    assert len(report["steps"]) == len(resumed) + 2
+
+    fresh = run_reconstruction(tiny_unet(), calib, qc, rc, tmp_path / "b", tmp_path / "work2", "cpu")
+    state_a, state_b = load_file(tmp_path / "a" / "state.safetensors"), load_file(tmp_path / "b" / "state.safetensors")
+    assert state_a.keys() == state_b.keys()
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)  # same seed -> same artifacts
+    assert [e.get("loss_after") for e in report["steps"]] == [e.get("loss_after") for e in fresh["steps"]]
+
+
+def test_stale_checkpoint_is_not_reused(tmp_path) -> None:
+    calib = tiny_calib(8)
+
+    def stop(step: str, entry: dict) -> None:
+        if entry["phase"] != "calibrate":
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_reconstruction(tiny_unet(), calib, QuantConfig(), quick_recon(iters=2), tmp_path / "q", tmp_path / "w", "cpu", callback=stop)
+    seen: list[str] = []
+    run_reconstruction(
+        tiny_unet(seed=5), calib, QuantConfig(), quick_recon(iters=2), tmp_path / "q", tmp_path / "w", "cpu",
+        callback=lambda s, e: seen.append(s),
+    )
+    assert seen[0] == "calibrate"  # other weights: a new key, nothing skipped
+
+
+@pytest.mark.parametrize("method", ["brecq", "layer", "none"])
+def test_baselines_run(method: str) -> None:
+    model = quantize_model(tiny_unet(), QuantConfig(w_bits=4))
+    report = reconstruct(model, tiny_calib(8), quick_recon(method=method, iters=2), "cpu")
+    phases = {e["phase"] for e in report["steps"]}
+    expected = {"brecq": {"weights", "calibrate", "activations"}, "layer": {"calibrate", "joint"}, "none": {"calibrate", "none"}}
+    assert phases == expected[method]
+    if method == "layer":
+        assert all(e["kind"] == "layer" for e in report["steps"] if e["phase"] == "joint")
+    assert all(math.isfinite(e["loss_after"]) for e in report["steps"] if "loss_after" in e)
