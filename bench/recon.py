@@ -68,7 +68,9 @@ def summarize(report: dict, seconds: float) -> dict:
         "seconds_fixed": round(fixed, 1),
         "seconds_train": round(report["totals"]["train_seconds"], 1),
         "iters_total": total_iters,
-        "seconds_per_iter_mean": round(report["totals"]["train_seconds"] / total_iters, 5) if total_iters else None,
+        "seconds_per_iter_mean": round(report["totals"]["train_seconds"] / total_iters, 5)
+        if total_iters
+        else None,
         "by_unit_type": per_iter,
         "loss_before_total": report["totals"]["loss_before"],
         "loss_after_total": report["totals"]["loss_after"],
@@ -76,7 +78,9 @@ def summarize(report: dict, seconds: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="128 samples, 10 iterations")
     parser.add_argument("--iters", type=int, default=None, help="iterations per unit (default: recon.iters)")
     parser.add_argument("--samples", type=int, default=None, help="calibration samples (default 1024)")
@@ -91,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     iters = args.iters if args.iters is not None else (10 if args.quick else ReconConfig().iters)
     generator = torch.Generator().manual_seed(0)
     calib = CalibrationData(
-        torch.randn(samples, 1, 16, 16, generator=generator), torch.randint(0, 1000, (samples,), generator=generator)
+        torch.randn(samples, 1, 16, 16, generator=generator),
+        torch.randint(0, 1000, (samples,), generator=generator),
     )
     quant_config = QuantConfig(w_bits=args.w_bits, a_bits=8)
     results = {}
@@ -103,8 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             report = run_reconstruction(
-                unet, calib, quant_config, ReconConfig(method=method, iters=iters), Path(tmp) / "out",
-                Path(tmp) / "work", device,
+                unet,
+                calib,
+                quant_config,
+                ReconConfig(method=method, iters=iters),
+                Path(tmp) / "out",
+                Path(tmp) / "work",
+                device,
             )
             seconds = time.perf_counter() - start
         results[method] = summarize(report, seconds)

@@ -58,7 +58,7 @@ def test_feature_stats_is_float64_mean_and_unbiased_covariance():
     np.testing.assert_allclose(sigma, np.cov(features.astype(np.float64), rowvar=False))
 
 
-# --------------------------------------------------------------------------------------------- precision / recall
+# ------------------------------------------------------------------------------------- precision / recall
 def _brute_force_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
     def radii(x):
         d = ((x[:, None] - x[None]) ** 2).sum(-1)

@@ -156,15 +156,23 @@ def test_adaround_hard_rounding_equals_nearest_at_init() -> None:
 def test_fbr_loss_matches_direct_computation() -> None:
     g = torch.Generator().manual_seed(0)
     out_q, out_fp = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
-    layers_q = [torch.randn(4, 6, 5, 5, generator=g), torch.randn(4, 7, 10, generator=g), torch.randn(4, 3, generator=g)]
+    layers_q = [
+        torch.randn(4, 6, 5, 5, generator=g),
+        torch.randn(4, 7, 10, generator=g),
+        torch.randn(4, 3, generator=g),
+    ]
     layers_fp = [torch.randn_like(t) for t in layers_q]
 
     def direct(p, t):
         return float(((p - t) ** 2).sum(dim=1).mean())
 
-    expected = direct(out_q, out_fp) + 0.8 * (direct(layers_q[0], layers_fp[0]) + direct(layers_q[1], layers_fp[1]))
+    expected = direct(out_q, out_fp) + 0.8 * (
+        direct(layers_q[0], layers_fp[0]) + direct(layers_q[1], layers_fp[1])
+    )
     assert float(fbr_loss(out_q, out_fp, layers_q, layers_fp, 0.8)) == pytest.approx(expected, rel=1e-6)
-    assert float(fbr_loss(out_q, out_fp, layers_q[:1], layers_fp[:1], 0.8)) == pytest.approx(direct(out_q, out_fp))
+    assert float(fbr_loss(out_q, out_fp, layers_q[:1], layers_fp[:1], 0.8)) == pytest.approx(
+        direct(out_q, out_fp)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +262,9 @@ def test_unsupported_layer_warns_and_stays_float() -> None:
 def test_tiny_unet2d_condition_model_quantizes_and_runs() -> None:
     unet = tiny_cond_unet()
     calib = tiny_calib(8, channels=2, text=True)
-    model = quantize_model(unet, QuantConfig(w_bits=8, a_bits=8), example_inputs=calib.model_inputs(slice(0, 1), "cpu"))
+    model = quantize_model(
+        unet, QuantConfig(w_bits=8, a_bits=8), example_inputs=calib.model_inputs(slice(0, 1), "cpu")
+    )
     units = quant_info(model).layout.units
     types = {u.type for u in units}
     assert "BasicTransformerBlock" in types and "ResnetBlock2D" in types
@@ -266,6 +276,11 @@ def test_tiny_unet2d_condition_model_quantizes_and_runs() -> None:
         reference = unet(**inputs).sample
     assert quantized.shape == reference.shape and torch.isfinite(quantized).all()
     assert sqnr(reference, quantized) > 10
+    # reconstruction caches the transformer blocks' keyword inputs (encoder_hidden_states, ...)
+    model = quantize_model(unet, QuantConfig(w_bits=4), example_inputs=calib.model_inputs(slice(0, 1), "cpu"))
+    report = reconstruct(model, calib, quick_recon(iters=2), "cpu")
+    transformer = [e for e in report["steps"] if e.get("type") == "BasicTransformerBlock"]
+    assert transformer and all(math.isfinite(e["loss_after"]) for e in transformer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,13 +300,16 @@ def test_fbr_lowers_block_losses_w4(tmp_path) -> None:
     )
     blocks = [e for e in report["steps"] if e.get("kind") == "block"]
     assert blocks and all(e["iters"] == 60 for e in blocks)
-    lowered = [e["loss_after"] < e["loss_before"] for e in blocks]
-    assert sum(lowered) >= len(blocks) - 1, [(e["unit"], e["loss_before"], e["loss_after"]) for e in blocks]
+    assert all(e["loss_after"] < e["loss_before"] for e in blocks), [
+        (e["unit"], e["loss_before"]) for e in blocks
+    ]
     first = blocks[0]
-    assert first["loss_after"] < first["loss_before"]
+    assert first["loss_after"] < 0.8 * first["loss_before"]
     assert set(first["layer_losses_after"]) == set(quant_info(unet).layout.units[3].layers)
     rows = report_rows(report)
-    assert len(rows) == len(quant_info(unet).layout.units) and {"unit", "loss_before", "seconds"} <= set(rows[0])
+    assert len(rows) == len(quant_info(unet).layout.units) and {"unit", "loss_before", "seconds"} <= set(
+        rows[0]
+    )
     assert not (tmp_path / "work").exists()
 
 
@@ -302,7 +320,11 @@ def test_save_load_bitwise_and_missing_artifacts(tmp_path) -> None:
     run_reconstruction(
         unet, calib, QuantConfig(w_bits=4), quick_recon(), tmp_path / "quant", tmp_path / "work", "cpu"
     )
-    assert {p.name for p in (tmp_path / "quant").iterdir()} == {"state.safetensors", "manifest.json", "report.json"}
+    assert {p.name for p in (tmp_path / "quant").iterdir()} == {
+        "state.safetensors",
+        "manifest.json",
+        "report.json",
+    }
     state = load_file(tmp_path / "quant" / "state.safetensors")
     assert state["conv_in.weight_int"].dtype == torch.uint8
     assert int(state["conv_in.weight_quantizer.bits"]) == 4
@@ -334,19 +356,38 @@ def test_resume_skips_finished_units_and_matches_uninterrupted(tmp_path) -> None
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        run_reconstruction(tiny_unet(), calib, qc, rc, tmp_path / "a", tmp_path / "work", "cpu", callback=stop_after_first_unit)
+        run_reconstruction(
+            tiny_unet(),
+            calib,
+            qc,
+            rc,
+            tmp_path / "a",
+            tmp_path / "work",
+            "cpu",
+            callback=stop_after_first_unit,
+        )
     assert done_first == ["calibrate", "joint:time_embedding.linear_1"]
     assert not (tmp_path / "a").exists() and (tmp_path / "work").exists()
 
     resumed: list[str] = []
     report = run_reconstruction(
-        tiny_unet(), calib, qc, rc, tmp_path / "a", tmp_path / "work", "cpu", callback=lambda s, e: resumed.append(s)
+        tiny_unet(),
+        calib,
+        qc,
+        rc,
+        tmp_path / "a",
+        tmp_path / "work",
+        "cpu",
+        callback=lambda s, e: resumed.append(s),
     )
     assert resumed[0] == "joint:time_embedding.linear_2"  # the finished steps were skipped
     assert len(report["steps"]) == len(resumed) + 2
 
     fresh = run_reconstruction(tiny_unet(), calib, qc, rc, tmp_path / "b", tmp_path / "work2", "cpu")
-    state_a, state_b = load_file(tmp_path / "a" / "state.safetensors"), load_file(tmp_path / "b" / "state.safetensors")
+    state_a, state_b = (
+        load_file(tmp_path / "a" / "state.safetensors"),
+        load_file(tmp_path / "b" / "state.safetensors"),
+    )
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)  # same seed -> same artifacts
     assert [e.get("loss_after") for e in report["steps"]] == [e.get("loss_after") for e in fresh["steps"]]
@@ -360,13 +401,36 @@ def test_stale_checkpoint_is_not_reused(tmp_path) -> None:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        run_reconstruction(tiny_unet(), calib, QuantConfig(), quick_recon(iters=2), tmp_path / "q", tmp_path / "w", "cpu", callback=stop)
+        run_reconstruction(
+            tiny_unet(),
+            calib,
+            QuantConfig(),
+            quick_recon(iters=2),
+            tmp_path / "q",
+            tmp_path / "w",
+            "cpu",
+            callback=stop,
+        )
     seen: list[str] = []
     run_reconstruction(
-        tiny_unet(seed=5), calib, QuantConfig(), quick_recon(iters=2), tmp_path / "q", tmp_path / "w", "cpu",
+        tiny_unet(seed=5),
+        calib,
+        QuantConfig(),
+        quick_recon(iters=2),
+        tmp_path / "q",
+        tmp_path / "w",
+        "cpu",
         callback=lambda s, e: seen.append(s),
     )
     assert seen[0] == "calibrate"  # other weights: a new key, nothing skipped
+
+
+def test_float_layer_targets_recomputed_when_over_budget() -> None:
+    model = quantize_model(tiny_unet(), QuantConfig(w_bits=4))
+    report = reconstruct(model, tiny_calib(8), quick_recon(iters=2, cache_mb=0), "cpu")
+    blocks = [e for e in report["steps"] if e.get("kind") == "block"]
+    assert blocks and not any(e["float_layer_targets_cached"] for e in blocks)
+    assert all(math.isfinite(e["loss_after"]) for e in blocks)
 
 
 @pytest.mark.parametrize("method", ["brecq", "layer", "none"])
@@ -374,7 +438,11 @@ def test_baselines_run(method: str) -> None:
     model = quantize_model(tiny_unet(), QuantConfig(w_bits=4))
     report = reconstruct(model, tiny_calib(8), quick_recon(method=method, iters=2), "cpu")
     phases = {e["phase"] for e in report["steps"]}
-    expected = {"brecq": {"weights", "calibrate", "activations"}, "layer": {"calibrate", "joint"}, "none": {"calibrate", "none"}}
+    expected = {
+        "brecq": {"weights", "calibrate", "activations"},
+        "layer": {"calibrate", "joint"},
+        "none": {"calibrate", "none"},
+    }
     assert phases == expected[method]
     if method == "layer":
         assert all(e["kind"] == "layer" for e in report["steps"] if e["phase"] == "joint")

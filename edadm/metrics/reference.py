@@ -3,8 +3,10 @@
 ``build_reference`` writes a directory (atomically) holding:
 
 - ``reference.json``: schema, extractor name, feature dims, classifier accuracy, number of real
-  images, seconds, the params, and for the digits default the FD / sFID between the real test
-  and train images' features (the floor a perfect generator could reach with this many images);
+  images, ``is_real`` (the real images' IS: the ceiling to read samples' IS against), seconds,
+  the params, and for the digits default ``fd_real_vs_train`` / ``sfid_real_vs_train``, the
+  FD / sFID between the real (test) and the training digits' features: about the floor a
+  perfect generator reaches against this reference;
 - ``stats.npz``: ``mu``, ``sigma`` of the real images' features, ``spatial_mu``,
   ``spatial_sigma`` for sFID, and ``real_features`` for precision/recall (float32 ``[N, D]``);
   keys are absent when the real data give no value for them (a precomputed .npz without spatial
@@ -113,7 +115,8 @@ def build_reference(
     compared with. For ``digits`` they default to the test split of
     ``digits_split(classifier.seed, classifier.test_fraction)`` (images the classifier never
     saw). For ``inception`` give them, or ``real_stats``, or both (then ``real_stats`` gives the
-    Frechet statistics and the images the precision/recall features).
+    Frechet statistics, and the images the precision/recall features and, when the .npz has
+    none, the sFID statistics).
     Returns the contents of ``reference.json``. ``out_dir`` is replaced atomically.
     """
     started = time.perf_counter()
@@ -138,6 +141,8 @@ def build_reference(
                     f"with: set param {SECTION}.real_stats to a precomputed .npz (mu, sigma) or give the "
                     "stage real images"
                 )
+        # Read a precomputed .npz before the (possibly long) feature extraction: fail fast.
+        precomputed = _read_real_stats(config.real_stats, extractor) if config.real_stats else {}
         info.update(
             feature_dim=extractor.feature_dim,
             spatial_dim=extractor.spatial_dim,
@@ -155,8 +160,8 @@ def build_reference(
             info["n_real"] = len(real_images)
             if real.logits is not None:
                 info["is_real"] = inception_score(real.logits, splits=min(10, len(real_images)))[0]
-        if config.real_stats is not None:
-            stats.update(_read_real_stats(config.real_stats, extractor))
+        if precomputed:
+            stats.update(precomputed)
             info["real_stats"] = str(config.real_stats)
         if config.extractor == "digits":
             info.update(_digits_floor(config.classifier, extractor, stats, batch_size))

@@ -44,7 +44,9 @@ class AdaRoundQuantizer(nn.Module):
     ``soft_targets`` True uses h(alpha) (training), False the hard rounding.
     """
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> None:
+    def __init__(
+        self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+    ) -> None:
         super().__init__()
         weight = weight.detach().float()
         self.bits = bits
@@ -68,7 +70,9 @@ class AdaRoundQuantizer(nn.Module):
     @torch.no_grad()
     def integer_weight(self) -> torch.Tensor:
         """The hard-rounded integer codes (uint8): floor(W / scale) + [alpha >= 0] + zero_point."""
-        q = torch.clamp(self.weight_floor + (self.alpha >= 0).float() + self.zero_point, 0, grid_max(self.bits))
+        q = torch.clamp(
+            self.weight_floor + (self.alpha >= 0).float() + self.zero_point, 0, grid_max(self.bits)
+        )
         return q.to(torch.uint8)
 
     def round_loss(self, b: float) -> torch.Tensor:
@@ -90,4 +94,3 @@ class LinearTempDecay:
         span = max(self.iters - self.start_decay, 1e-12)
         rel = (step - self.start_decay) / span
         return self.end_b + (self.start_b - self.end_b) * max(0.0, 1 - rel)
-

@@ -62,7 +62,11 @@ class QuantAttnProcessor(nn.Module):
     ) -> torch.Tensor:
         if not self.use_act_quant:
             return self.original_processor(
-                attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, temb=temb
+                attn,
+                hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                attention_mask=attention_mask,
+                temb=temb,
             )
         residual = hidden_states
         if attn.spatial_norm is not None:

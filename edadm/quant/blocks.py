@@ -102,13 +102,15 @@ def default_example_inputs(model: nn.Module) -> dict[str, Any]:
         "sample": torch.randn(1, config.in_channels, height, width, generator=generator),
         "timestep": torch.tensor([1], dtype=torch.long),
     }
-    extra_conditioning = [k for k in ("addition_embed_type", "class_embed_type", "num_class_embeds") if config.get(k)]
+    extra_conditioning = [
+        k for k in ("addition_embed_type", "class_embed_type", "num_class_embeds") if config.get(k)
+    ]
     if "cross_attention_dim" in config:
         dim = config.cross_attention_dim
         if not isinstance(dim, int) or extra_conditioning:
             raise ValueError(
-                f"{type(model).__name__} needs conditioning this trace cannot invent ({extra_conditioning or dim}); "
-                "pass example_inputs= (forward keyword arguments for one sample)"
+                f"{type(model).__name__} needs conditioning this trace cannot invent "
+                f"({extra_conditioning or dim}); pass example_inputs= (forward kwargs for one sample)"
             )
         inputs["encoder_hidden_states"] = torch.randn(1, 4, dim, generator=generator)
     elif extra_conditioning:
@@ -120,7 +122,9 @@ def _record_call(order: dict[str, int], name: str, module: nn.Module, args: tupl
     order.setdefault(name, len(order))
 
 
-def _record_skips(skips: dict[str, list[int]], name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+def _record_skips(
+    skips: dict[str, list[int]], name: str, module: nn.Module, args: tuple, kwargs: dict
+) -> None:
     res = kwargs.get("res_hidden_states_tuple", args[1] if len(args) > 1 else None)
     if isinstance(res, (tuple, list)) and res and all(torch.is_tensor(t) for t in res) and name not in skips:
         skips[name] = [int(t.shape[1]) for t in res]
@@ -140,7 +144,9 @@ def trace_model(model: nn.Module, example_inputs: Mapping[str, Any], layers: lis
         handles.append(module.register_forward_pre_hook(functools.partial(_record_call, order, name)))
         if isinstance(getattr(module, "resnets", None), nn.ModuleList):
             handles.append(
-                module.register_forward_pre_hook(functools.partial(_record_skips, skips, name), with_kwargs=True)
+                module.register_forward_pre_hook(
+                    functools.partial(_record_skips, skips, name), with_kwargs=True
+                )
             )
     device = next(model.parameters()).device
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in example_inputs.items()}

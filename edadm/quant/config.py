@@ -64,8 +64,9 @@ class ReconConfig:
     """How the quantized network is reconstructed (params.yaml ``recon``)."""
 
     method: Literal["fbr", "brecq", "layer", "none"] = "fbr"
-    # Iterations per unit. 5000 in the paper (CIFAR); 300 keeps the embedded default (23 units,
-    # 1024 calibration samples) at about 7 minutes on 2 CPU cores (bench/recon.py).
+    # Iterations per unit. 5000 in the paper (CIFAR). 300 reconstructs the embedded default
+    # (23 units, 1024 calibration samples, W4A8) in 190 s on 2 idle CPU cores (bench/recon.py):
+    # margin for the 10-minute budget on a busy machine, where an iteration costs 2-5x more.
     iters: int = 300
     batch_size: int = 32
     gamma: float = 0.8  # FBR weight of the layer terms L_m ("add_loss"; 1.0 for LSUN)
@@ -77,6 +78,11 @@ class ReconConfig:
     warmup: float = 0.2  # brecq: fraction of iterations before the regulariser starts
     init_batch_size: int = 256  # batch of the activation range initialisation (EMA over batches)
     cache_batch_size: int = 64  # batch of the passes that cache a unit's inputs / outputs
+    # Host memory for float-path caches: one float pass fills as many upcoming units as fit
+    # (and FBR's float layer outputs, else recomputed per iteration). Not counting the
+    # current unit's quantized-path inputs.
+    cache_mb: int = 1024
+    eval_samples: int = 256  # loss before / after in the report: on the first samples
     seed: int = 0  # batch sampling and QDrop masks derive from it (per unit, so resumes match)
 
     def __post_init__(self) -> None:
@@ -94,10 +100,14 @@ class ReconConfig:
         check_range("recon.qdrop_prob", self.qdrop_prob, 0.0, 1.0)
         check_range("recon.round_weight", self.round_weight, 0.0)
         if len(self.b_range) != 2 or min(self.b_range) <= 0:
-            raise ParamError(f"param recon.b_range={list(self.b_range)} must be two positive numbers [start, end]")
+            raise ParamError(
+                f"param recon.b_range={list(self.b_range)} must be two positive numbers [start, end]"
+            )
         check_range("recon.warmup", self.warmup, 0.0, 1.0)
         check_range("recon.init_batch_size", self.init_batch_size, 1)
         check_range("recon.cache_batch_size", self.cache_batch_size, 1)
+        check_range("recon.cache_mb", self.cache_mb, 0)
+        check_range("recon.eval_samples", self.eval_samples, 1)
 
     def learning_rates(self, w_bits: int) -> tuple[float, float]:
         """``(lr_w, lr_a)``, resolving ``auto`` by weight bits (METHOD.md 3, CIFAR column)."""

@@ -48,7 +48,11 @@ class QuantLayer(nn.Module):
             self.layer_type = "Conv2d"
             self.in_channels, self.out_channels = module.in_channels, module.out_channels
             self.kernel_size, self.stride, self.padding = module.kernel_size, module.stride, module.padding
-            self.dilation, self.groups, self.padding_mode = module.dilation, module.groups, module.padding_mode
+            self.dilation, self.groups, self.padding_mode = (
+                module.dilation,
+                module.groups,
+                module.padding_mode,
+            )
             self._reversed_padding_repeated_twice = module._reversed_padding_repeated_twice
             in_channels = module.in_channels
         else:
@@ -78,6 +82,7 @@ class QuantLayer(nn.Module):
         self.adaround: AdaRoundQuantizer | None = None
         self.use_weight_quant = w_bits is not None
         self.use_act_quant = a_bits is not None
+        self.to(self.weight.device)  # the new quantizers and codes live where the weight does
 
     def extra_repr(self) -> str:
         return (
@@ -98,9 +103,15 @@ class QuantLayer(nn.Module):
         scale_0 = broadcast_to_axis(self.weight_quantizer_0.scale.detach(), ndim, 0)
         zero_point_0 = broadcast_to_axis(self.weight_quantizer_0.zero_point, ndim, 0)
         halves = (self.split, in_channels - self.split)
-        scale = torch.cat([scale.expand(out_channels, halves[0], *rest), scale_0.expand(out_channels, halves[1], *rest)], 1)
+        scale = torch.cat(
+            [scale.expand(out_channels, halves[0], *rest), scale_0.expand(out_channels, halves[1], *rest)], 1
+        )
         zero_point = torch.cat(
-            [zero_point.expand(out_channels, halves[0], *rest), zero_point_0.expand(out_channels, halves[1], *rest)], 1
+            [
+                zero_point.expand(out_channels, halves[0], *rest),
+                zero_point_0.expand(out_channels, halves[1], *rest),
+            ],
+            1,
         )
         return scale, zero_point
 
@@ -146,13 +157,19 @@ class QuantLayer(nn.Module):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if not self.split:
             return self.act_quantizer(x)
-        return torch.cat([self.act_quantizer(x[:, : self.split]), self.act_quantizer_0(x[:, self.split :])], dim=1)
+        return torch.cat(
+            [self.act_quantizer(x[:, : self.split]), self.act_quantizer_0(x[:, self.split :])], dim=1
+        )
 
     # --- forward --------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_act_quant and self.act_quantizer is not None:
             x = self.quantize_input(x)
-        weight = self.quantized_weight() if self.use_weight_quant and self.weight_quantizer is not None else self.weight
+        weight = (
+            self.quantized_weight()
+            if self.use_weight_quant and self.weight_quantizer is not None
+            else self.weight
+        )
         if self.layer_type == "Linear":
             return F.linear(x, weight, self.bias)
         if self.padding_mode != "zeros":

@@ -125,9 +125,16 @@ def quantize_model(
     if layout is None:
         layout = trace_model(model, example_inputs or default_example_inputs(model), quantizable)
     ran = set(layout.layer_order)
+    foreign = sorted(ran - set(quantizable))
+    if foreign:
+        raise ValueError(
+            f"the layout names layers this model has no nn.Conv2d / nn.Linear for: {foreign[:5]}"
+        )
     for name in quantizable:
         if name not in ran:
-            unsupported.append(f"{name} ({type(model.get_submodule(name)).__name__}): did not run in the traced forward")
+            unsupported.append(
+                f"{name} ({type(model.get_submodule(name)).__name__}): did not run in the traced forward"
+            )
 
     # 1. layers
     w_bits, a_bits = _bits(config.w_bits), _bits(config.a_bits)
@@ -148,7 +155,8 @@ def quantize_model(
                 if reason:
                     unsupported.append(f"{name} (Attention): products left in float, {reason}")
                 else:
-                    module.set_processor(QuantAttnProcessor(module.processor, attn_bits, config.symmetric))
+                    processor = QuantAttnProcessor(module.processor, attn_bits, config.symmetric)
+                    module.set_processor(processor.to(module.to_q.weight.device))
 
     for quantizer in act_quantizers(model):
         quantizer.search_max_elements = config.act_search_elements
@@ -160,7 +168,7 @@ def quantize_model(
     # 3. weight ranges (100-candidate search per output channel) and nearest rounding
     if init_weights:
         layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
-        for layer in tqdm(layers, desc="weight ranges", unit="layer", leave=False, disable=len(layers) < 50):
+        for layer in tqdm(layers, desc="weight ranges", unit="layer", leave=False):
             layer.init_weight_range()
 
     object.__setattr__(model, INFO_ATTR, QuantModelInfo(config, layout, unsupported))

@@ -128,7 +128,11 @@ def search_min_max(
     Returns ``(min, max)``: scalars, or [C] along ``channel_axis``.
     """
     x = x.detach().float()
-    flat = x.reshape(1, -1) if channel_axis is None else x.movedim(channel_axis, 0).reshape(x.shape[channel_axis], -1)
+    flat = (
+        x.reshape(1, -1)
+        if channel_axis is None
+        else x.movedim(channel_axis, 0).reshape(x.shape[channel_axis], -1)
+    )
     if one_sided is None:
         one_sided = bool(flat.min() >= 0)
     x_min, x_max = flat.amin(dim=1), flat.amax(dim=1)  # [C]
@@ -141,7 +145,9 @@ def search_min_max(
         low, high = x_min.clamp_max(0), x_max.clamp_min(0)
 
     # candidate i has extremes (i / 100) * (low, high): [K, C]
-    fractions = torch.arange(1, SEARCH_CANDIDATES + 1, device=x.device, dtype=torch.float32) / SEARCH_CANDIDATES
+    fractions = (
+        torch.arange(1, SEARCH_CANDIDATES + 1, device=x.device, dtype=torch.float32) / SEARCH_CANDIDATES
+    )
     cand_min, cand_max = fractions[:, None] * low[None], fractions[:, None] * high[None]
     scale, zero_point = qparams_from_range(cand_min, cand_max, bits, symmetric)  # [K, C]
     values, weights = flat, None
@@ -255,7 +261,9 @@ class UniformAffineQuantizer(nn.Module):
     @torch.no_grad()
     def init_range(self, x: torch.Tensor) -> None:
         """Set the range from one tensor (a weight) by the 100-candidate search."""
-        self.set_qparams(*search_range(x, self.bits, self.symmetric, self.channel_axis, one_sided=self.one_sided))
+        self.set_qparams(
+            *search_range(x, self.bits, self.symmetric, self.channel_axis, one_sided=self.one_sided)
+        )
 
     def start_calibration(self) -> None:
         """Forget the range; the next forwards (``calibrating``) rebuild it by EMA over batches."""
@@ -273,7 +281,12 @@ class UniformAffineQuantizer(nn.Module):
         if self.one_sided is None:
             self.one_sided = bool(x.min() >= 0)
         new_min, new_max = search_min_max(
-            x, self.bits, self.symmetric, self.channel_axis, one_sided=self.one_sided, max_elements=self.search_max_elements
+            x,
+            self.bits,
+            self.symmetric,
+            self.channel_axis,
+            one_sided=self.one_sided,
+            max_elements=self.search_max_elements,
         )
         if self.running_min is None:
             self.running_min, self.running_max = new_min, new_max

@@ -12,10 +12,14 @@ Methods (``recon.method``):
   attention products' quantizers keep their initial ranges.
 - ``none``: range search only (weights round to nearest).
 
-For each unit, two passes over the calibration set in batches of ``recon.cache_batch_size``
-cache its inputs and outputs (stopped right after the unit, kept on the CPU):
-- the float pass (all quantization off): the float input x and the targets B_fp(x);
-- the quantized pass (every earlier unit already reconstructed): the quantized-path input.
+Each unit's inputs and outputs are cached from the calibration set by passes in batches of
+``recon.cache_batch_size``, stopped as soon as the unit has run, and kept on the CPU:
+- float passes (all quantization off): the float input x, the targets B_fp(x) and, for FBR,
+  the float layer outputs O_l^fp(x). The float path never changes, so one pass fills the
+  caches of as many upcoming units as ``recon.cache_mb`` allows (layer outputs that do not
+  fit are recomputed at each iteration instead);
+- a quantized pass per unit (every earlier unit already reconstructed): the quantized-path
+  input.
 Every positional / keyword input of the unit is cached (pre-hooks with kwargs): for a
 ResnetBlock2D that is (hidden_states, temb), for an attention block also temb or
 encoder_hidden_states. The quantized pass feeds the unit all of its quantized-path inputs:
@@ -33,6 +37,7 @@ same result as an uninterrupted one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -53,7 +58,13 @@ from edadm.quant.adaround import LinearTempDecay
 from edadm.quant.blocks import Unit
 from edadm.quant.config import QuantConfig, ReconConfig
 from edadm.quant.layers import QuantLayer
-from edadm.quant.model import act_quantizers, calibrate_activations, quant_info, quantize_model, set_quant_state
+from edadm.quant.model import (
+    act_quantizers,
+    calibrate_activations,
+    quant_info,
+    quantize_model,
+    set_quant_state,
+)
 from edadm.quant.quantizer import SCALE_EPS
 from edadm.quant.state import (
     SCHEMA_VERSION,
@@ -101,7 +112,9 @@ class CalibrationData:
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def model_inputs(self, index: slice | torch.Tensor, device: torch.device | str) -> dict[str, torch.Tensor]:
+    def model_inputs(
+        self, index: slice | torch.Tensor, device: torch.device | str
+    ) -> dict[str, torch.Tensor]:
         """Forward keyword arguments for the samples ``index``, on ``device``."""
         inputs = {"sample": self.x[index].to(device), "timestep": self.t[index].to(device)}
         if self.encoder_hidden_states is not None:
@@ -136,7 +149,9 @@ def fbr_loss(
     output in module order (the last one is left out here).
     """
     if len(layer_outs_q) != len(layer_outs_fp):
-        raise ValueError(f"fbr_loss: {len(layer_outs_q)} quantized layer outputs vs {len(layer_outs_fp)} float")
+        raise ValueError(
+            f"fbr_loss: {len(layer_outs_q)} quantized layer outputs vs {len(layer_outs_fp)} float"
+        )
     block_term = lp_loss(block_out_q, block_out_fp)
     layer_term = sum((lp_loss(q, f) for q, f in zip(layer_outs_q[:-1], layer_outs_fp[:-1], strict=True)), 0.0)
     return block_term + gamma * layer_term
@@ -170,13 +185,22 @@ class UnitInputs:
 
     @staticmethod
     def _stack(values: list[Any], batch_sizes: list[int]) -> Any:
-        batched = all(torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n for v, n in zip(values, batch_sizes))
+        batched = all(
+            torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n
+            for v, n in zip(values, batch_sizes, strict=True)
+        )
         return torch.cat(values) if batched and len(values) > 1 else values[0]
 
     def select(self, index: torch.Tensor, device: torch.device) -> tuple[list[Any], dict[str, Any]]:
         """The inputs of samples ``index`` on ``device``."""
-        args = [v[index].to(device) if b else _to(v, device) for v, b in zip(self.args, self.batched_args)]
-        kwargs = {k: v[index].to(device) if self.batched_kwargs[k] else _to(v, device) for k, v in self.kwargs.items()}
+        args = [
+            v[index].to(device) if b else _to(v, device)
+            for v, b in zip(self.args, self.batched_args, strict=True)
+        ]
+        kwargs = {
+            k: v[index].to(device) if self.batched_kwargs[k] else _to(v, device)
+            for k, v in self.kwargs.items()
+        }
         return args, kwargs
 
     def main_input(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[str | int, torch.Tensor]:
@@ -205,63 +229,118 @@ def _detach(value: Any) -> Any:
     return value
 
 
+@dataclass
+class CaptureTarget:
+    """What to capture of one unit in a pass: its inputs, and optionally output and layer outputs."""
+
+    module: nn.Module
+    output: bool = True
+    layers: Sequence[nn.Module] = ()
+
+
+@dataclass
+class Captured:
+    """One unit's captured inputs [N, ...], output [N, ...] and layer outputs, on the CPU."""
+
+    inputs: UnitInputs
+    output: torch.Tensor | None
+    layer_outputs: list[torch.Tensor] | None
+
+    def nbytes(self) -> int:
+        tensors = [v for v in (*self.inputs.args, *self.inputs.kwargs.values()) if torch.is_tensor(v)]
+        tensors += [self.output] if self.output is not None else []
+        tensors += self.layer_outputs or []
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
 @torch.no_grad()
-def cache_unit_io(
+def capture_units(
     model: nn.Module,
-    unit_module: nn.Module,
+    targets: Sequence[CaptureTarget],
     calib: CalibrationData,
     batch_size: int,
     device: torch.device,
     *,
     weights: bool,
     activations: bool,
-    capture_output: bool,
-) -> tuple[UnitInputs, torch.Tensor | None]:
-    """Run ``model`` over the calibration set with the given quant state; capture the unit's I/O.
+) -> list[Captured]:
+    """Run ``model`` over the calibration set with the given quant state; capture the targets.
 
-    Each batch stops right after the unit (or right before it when no output is needed).
-    Returns ``(inputs, outputs)``; outputs [N, ...] on the CPU, or None.
+    Each batch stops as soon as every target is captured (right before a unit whose output
+    is not needed, right after one whose output is). Returns one ``Captured`` per target.
     """
     set_quant_state(model, weights, activations)
-    captured: list[tuple[tuple, dict]] = []
-    outputs: list[torch.Tensor] = []
+    inputs: list[list[tuple[tuple, dict]]] = [[] for _ in targets]
+    outputs: list[list[torch.Tensor]] = [[] for _ in targets]
+    layer_outputs: list[list[list[torch.Tensor]]] = [[[] for _ in t.layers] for t in targets]
+    complete = [0]
 
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((_detach(args), _detach(kwargs)))
-        if not capture_output:
+    def finish_one() -> None:
+        complete[0] += 1
+        if complete[0] == len(targets):
             raise _StopForward
 
-    def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        output = output[0] if isinstance(output, (tuple, list)) else output
-        outputs.append(output.detach().to(CACHE_DEVICE))
-        raise _StopForward
+    def pre_hook(i: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs[i].append((_detach(args), _detach(kwargs)))
+        if not targets[i].output:
+            finish_one()
 
-    handles = [unit_module.register_forward_pre_hook(pre_hook, with_kwargs=True)]
-    if capture_output:
-        handles.append(unit_module.register_forward_hook(post_hook, with_kwargs=True))
+    def post_hook(i: int, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        output = output[0] if isinstance(output, (tuple, list)) else output
+        outputs[i].append(output.detach().to(CACHE_DEVICE))
+        finish_one()
+
+    def layer_hook(i: int, j: int, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        layer_outputs[i][j].append(output.detach().to(CACHE_DEVICE))
+
+    handles = []
+    for i, target in enumerate(targets):
+        handles.append(
+            target.module.register_forward_pre_hook(functools.partial(pre_hook, i), with_kwargs=True)
+        )
+        if target.output:
+            handles.append(
+                target.module.register_forward_hook(functools.partial(post_hook, i), with_kwargs=True)
+            )
+        for j, layer in enumerate(target.layers):
+            handles.append(layer.register_forward_hook(functools.partial(layer_hook, i, j)))
     batch_sizes = []
     try:
-        for inputs in calib.batches(batch_size, device):
-            batch_sizes.append(inputs["sample"].shape[0])
+        for batch in calib.batches(batch_size, device):
+            batch_sizes.append(batch["sample"].shape[0])
+            complete[0] = 0
             try:
-                model(**inputs)
+                model(**batch)
             except _StopForward:
                 pass
-            if len(captured) != len(batch_sizes):
-                raise RuntimeError(f"unit {type(unit_module).__name__} did not run in the model's forward")
+            if complete[0] != len(targets):
+                missing = [
+                    type(t.module).__name__
+                    for i, t in enumerate(targets)
+                    if len(inputs[i]) < len(batch_sizes)
+                ]
+                raise RuntimeError(f"unit(s) {missing} did not run in the model's forward")
     finally:
         for handle in handles:
             handle.remove()
-    return UnitInputs(captured, batch_sizes), (torch.cat(outputs) if capture_output else None)
+    return [
+        Captured(
+            UnitInputs(inputs[i], batch_sizes),
+            torch.cat(outputs[i]) if target.output else None,
+            [torch.cat(o) for o in layer_outputs[i]] if target.layers else None,
+        )
+        for i, target in enumerate(targets)
+    ]
 
 
 @dataclass
 class UnitCache:
-    """Float inputs, quantized-path inputs and float outputs of one unit over the calibration set."""
+    """Float inputs, quantized-path inputs, float outputs (and float layer outputs) of one unit."""
 
     fp_inputs: UnitInputs
     q_inputs: UnitInputs
     fp_outputs: torch.Tensor
+    fp_layer_outputs: list[torch.Tensor] | None = None  # None: recomputed each iteration
 
     def __len__(self) -> int:
         return self.fp_outputs.shape[0]
@@ -317,6 +396,24 @@ def _with_main(inputs: UnitInputs, args: list, kwargs: dict, value: torch.Tensor
     return args, {**kwargs, key: value}
 
 
+def _float_layer_outputs(
+    unit_module: nn.Module,
+    cache: UnitCache,
+    recorder: _OutputRecorder,
+    index: torch.Tensor,
+    fp_args: list[Any],
+    fp_kwargs: dict[str, Any],
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """O_l^fp(x) for the samples ``index``: from the cache, or from a float pass of the unit."""
+    if cache.fp_layer_outputs is not None:
+        return [t[index].to(device) for t in cache.fp_layer_outputs]
+    with torch.no_grad():
+        set_quant_state(unit_module, False, False)
+        _run_unit(unit_module, fp_args, fp_kwargs)
+    return recorder.take()
+
+
 @torch.no_grad()
 def evaluate_unit(
     unit_module: nn.Module,
@@ -324,20 +421,21 @@ def evaluate_unit(
     cache: UnitCache,
     act_quant: bool,
     batch_size: int,
+    samples: int,
     device: torch.device,
 ) -> tuple[float, list[float]]:
-    """Block-output loss L_b and every layer's lp loss on the whole calibration set.
+    """Block-output loss L_b and every layer's lp loss on the first ``samples`` cached samples.
 
-    Quantized unit on the pure quantized-path input (no QDrop) against the float targets.
+    The quantized unit runs on the pure quantized-path input (no QDrop) against float targets.
     """
     recorder = _OutputRecorder(layers)
+    count = min(samples, len(cache))
     block_total, layer_totals = 0.0, [0.0] * len(layers)
     try:
-        for start in range(0, len(cache), batch_size):
-            index = torch.arange(start, min(start + batch_size, len(cache)))
-            set_quant_state(unit_module, False, False)
-            _run_unit(unit_module, *cache.fp_inputs.select(index, device))
-            layers_fp = recorder.take()
+        for start in range(0, count, batch_size):
+            index = torch.arange(start, min(start + batch_size, count))
+            fp_args, fp_kwargs = cache.fp_inputs.select(index, device)
+            layers_fp = _float_layer_outputs(unit_module, cache, recorder, index, fp_args, fp_kwargs, device)
             set_quant_state(unit_module, True, act_quant)
             out_q = _run_unit(unit_module, *cache.q_inputs.select(index, device))
             layers_q = recorder.take()
@@ -347,7 +445,7 @@ def evaluate_unit(
                 layer_totals[i] += float(lp_loss(q, f)) * n
     finally:
         recorder.remove()
-    return block_total / len(cache), [v / len(cache) for v in layer_totals]
+    return block_total / count, [v / count for v in layer_totals]
 
 
 def reconstruct_unit(
@@ -365,6 +463,8 @@ def reconstruct_unit(
     Ends with hard rounding written to the layers' integer weights.
     """
     lr_w, lr_a = lrs
+    if config.iters == 0:
+        return 0
     adarounds = [layer.start_adaround() for layer in layers if phase.learn_weights and layer.weight_quantizer]
     scales = [q.scale for q in act_quantizers(unit_module)] if phase.learn_acts else []
     if not adarounds and not scales:
@@ -403,12 +503,10 @@ def reconstruct_unit(
                 mask = torch.rand(x_q.shape, generator=device_generator, device=device) < drop_prob
                 q_args, q_kwargs = _with_main(cache.q_inputs, q_args, q_kwargs, torch.where(mask, x_fp, x_q))
             # 3. float layer outputs O_l^fp(x) for L_m
-            layers_fp: list[torch.Tensor] = []
             if recorder is not None:
-                with torch.no_grad():
-                    set_quant_state(unit_module, False, False)
-                    _run_unit(unit_module, fp_args, fp_kwargs)
-                    layers_fp = recorder.take()
+                layers_fp = _float_layer_outputs(
+                    unit_module, cache, recorder, index, fp_args, fp_kwargs, device
+                )
             # 4. quantized pass on x~ and the loss
             set_quant_state(unit_module, True, phase.act_quant)
             out_q = _run_unit(unit_module, q_args, q_kwargs)
@@ -476,15 +574,15 @@ def plan_steps(model: nn.Module, config: ReconConfig) -> list[Step]:
         phase = Phase("none", False, False, acts_q, False, False, False)
     else:
         phase = Phase("joint", weights_q, acts_q, acts_q, method == "fbr", config.qdrop_prob > 0, False)
-    return calibrate + [
-        Step(f"{phase.name}:{u.name}", "unit", u, _for_unit(phase, u)) for u in units
-    ]
+    return calibrate + [Step(f"{phase.name}:{u.name}", "unit", u, _for_unit(phase, u)) for u in units]
 
 
 def _for_unit(phase: Phase, unit: Unit) -> Phase:
     # L_m needs at least two layers (the last one is left out)
     if phase.layer_terms and (unit.kind != "block" or len(unit.layers) < 2):
-        return Phase(phase.name, phase.learn_weights, phase.learn_acts, phase.act_quant, False, phase.qdrop, False)
+        return Phase(
+            phase.name, phase.learn_weights, phase.learn_acts, phase.act_quant, False, phase.qdrop, False
+        )
     return phase
 
 
@@ -495,6 +593,85 @@ def step_seed(seed: int, step_name: str) -> int:
 
 
 StepCallback = Callable[[str, dict[str, Any]], None]
+
+
+class FloatCaches:
+    """Float-path caches of upcoming units, filled a group at a time within ``recon.cache_mb``.
+
+    The float path does not change while the quantized one is reconstructed, so one float
+    pass can capture several consecutive units (their inputs, outputs and, for FBR, the
+    float layer outputs). A unit whose layer outputs alone would overflow the budget gets
+    them recomputed at each iteration instead.
+    """
+
+    def __init__(
+        self, model: nn.Module, calib: CalibrationData, config: ReconConfig, device: torch.device
+    ) -> None:
+        self.model, self.calib, self.config, self.device = model, calib, config, device
+        self.modules = dict(model.named_modules())
+        self.budget = config.cache_mb * 2**20
+        self.caches: dict[str, Captured] = {}
+        self.per_sample: dict[tuple[str, bool], int] = {}
+
+    def _targets(self, steps: Sequence[Step]) -> list[CaptureTarget]:
+        return [
+            CaptureTarget(
+                self.modules[s.unit.name],
+                True,
+                [self.modules[n] for n in s.unit.layers] if self._keep_layers(s) else (),
+            )
+            for s in steps
+        ]
+
+    def _keep_layers(self, step: Step) -> bool:
+        return step.phase.layer_terms and self._bytes(step, True) <= self.budget
+
+    def _bytes(self, step: Step, layers: bool) -> int:
+        """Bytes of a step's float cache for the whole calibration set (probed on one sample)."""
+        key = (step.unit.name, layers and step.phase.layer_terms)
+        if key not in self.per_sample:
+            module = self.modules[step.unit.name]
+            recorded = [self.modules[n] for n in step.unit.layers] if key[1] else ()
+            probe = CalibrationData(*(v[:1] if v is not None else None for v in self._calib_tensors()))
+            (captured,) = capture_units(
+                self.model,
+                [CaptureTarget(module, True, recorded)],
+                probe,
+                1,
+                self.device,
+                weights=False,
+                activations=False,
+            )
+            self.per_sample[key] = captured.nbytes()
+        return self.per_sample[key] * len(self.calib)
+
+    def _calib_tensors(self) -> tuple:
+        return self.calib.x, self.calib.t, self.calib.encoder_hidden_states
+
+    def take(self, steps: Sequence[Step], i: int) -> Captured:
+        """The float cache of ``steps[i]``; fills the group of consecutive unit steps from i."""
+        name = steps[i].name
+        if name not in self.caches:
+            group, total = [], 0
+            for step in steps[i:]:
+                if step.kind != "unit":
+                    break
+                size = self._bytes(step, self._keep_layers(step))
+                if group and total + size > self.budget:
+                    break
+                group.append(step)
+                total += size
+            captured = capture_units(
+                self.model,
+                self._targets(group),
+                self.calib,
+                self.config.cache_batch_size,
+                self.device,
+                weights=False,
+                activations=False,
+            )
+            self.caches.update({s.name: c for s, c in zip(group, captured, strict=True)})
+        return self.caches.pop(name)
 
 
 def reconstruct(
@@ -518,6 +695,7 @@ def reconstruct(
     modules = dict(model.named_modules())
     steps = plan_steps(model, config)
     finished = store.finished([s.name for s in steps]) if store else []
+    float_caches = FloatCaches(model, calib, config, device)
     entries: list[dict[str, Any]] = []
     start = time.perf_counter()
     progress = tqdm(steps, desc=f"reconstruct ({config.method})", unit="unit")
@@ -533,7 +711,9 @@ def reconstruct(
             entry = {"step": step.name, "phase": "calibrate", "seconds": round(time.perf_counter() - tick, 3)}
             state = quant_state_dict(model, activations_only=True)
         else:
-            entry = _reconstruct_step(model, modules, step, calib, config, lrs, device)
+            float_cache = float_caches.take(steps, i)
+            entry = _reconstruct_step(model, modules, step, float_cache, calib, config, lrs, device)
+            entry["seconds"] = round(time.perf_counter() - tick, 3)
             state = quant_state_dict(modules[step.unit.name], prefix=step.unit.name)
         entries.append(entry)
         if store is not None:
@@ -548,6 +728,7 @@ def _reconstruct_step(
     model: nn.Module,
     modules: Mapping[str, nn.Module],
     step: Step,
+    float_cache: Captured,
     calib: CalibrationData,
     config: ReconConfig,
     lrs: tuple[float, float],
@@ -557,32 +738,38 @@ def _reconstruct_step(
     unit_module = modules[unit.name]
     layers = [modules[name] for name in unit.layers]
     tick = time.perf_counter()
-    # 1. caches: float pass (inputs x, targets B_fp(x)), quantized pass (inputs from the quantized path)
-    fp_inputs, fp_outputs = cache_unit_io(
-        model, unit_module, calib, config.cache_batch_size, device, weights=False, activations=False, capture_output=True
-    )
-    q_inputs, _ = cache_unit_io(
+    # 1. caches: float path (inputs x, targets B_fp(x)), quantized path (inputs of the quantized network)
+    (quantized,) = capture_units(
         model,
-        unit_module,
+        [CaptureTarget(unit_module, output=False)],
         calib,
         config.cache_batch_size,
         device,
         weights=True,
         activations=phase.act_quant,
-        capture_output=False,
     )
-    cache = UnitCache(fp_inputs, q_inputs, fp_outputs)
+    cache = UnitCache(float_cache.inputs, quantized.inputs, float_cache.output, float_cache.layer_outputs)
     cache_seconds = time.perf_counter() - tick
     # 2. losses before, learning, losses after
-    before, layers_before = evaluate_unit(unit_module, layers, cache, phase.act_quant, config.cache_batch_size, device)
+    evaluate = functools.partial(
+        evaluate_unit,
+        unit_module,
+        layers,
+        cache,
+        phase.act_quant,
+        config.cache_batch_size,
+        config.eval_samples,
+        device,
+    )
+    before, layers_before = evaluate()
     tick_train = time.perf_counter()
-    iters = reconstruct_unit(unit_module, layers, cache, phase, config, lrs, step_seed(config.seed, step.name), device)
+    iters = reconstruct_unit(
+        unit_module, layers, cache, phase, config, lrs, step_seed(config.seed, step.name), device
+    )
     train_seconds = time.perf_counter() - tick_train
-    if iters:
-        after, layers_after = evaluate_unit(unit_module, layers, cache, phase.act_quant, config.cache_batch_size, device)
-    else:
-        after, layers_after = before, layers_before
-    entry = {
+    after, layers_after = evaluate() if iters else (before, layers_before)
+    logger.info("%s: loss %.4g -> %.4g (%d iters, %.1f s)", step.name, before, after, iters, train_seconds)
+    return {
         "step": step.name,
         "unit": unit.name,
         "kind": unit.kind,
@@ -593,17 +780,22 @@ def _reconstruct_step(
         "layer_losses_before": dict(zip(unit.layers, layers_before, strict=True)),
         "layer_losses_after": dict(zip(unit.layers, layers_after, strict=True)),
         "iters": iters,
-        "seconds": round(time.perf_counter() - tick, 3),
         "train_seconds": round(train_seconds, 3),
         "cache_seconds": round(cache_seconds, 3),
+        "float_layer_targets_cached": float_cache.layer_outputs is not None,
     }
-    logger.info(
-        "%s: loss %.4g -> %.4g (%d iters, %.1f s)", step.name, before, after, iters, entry["seconds"]
-    )
-    return entry
 
 
 def build_report(config: ReconConfig, entries: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """``{"method", "steps": [entry per step], "totals"}``.
+
+    A unit entry holds ``loss_before`` / ``loss_after`` (block-output lp on the first
+    ``recon.eval_samples`` samples, pure quantized-path input), ``layer_losses_before`` /
+    ``_after`` (every layer's lp), ``iters``, ``seconds`` (wall time of the step, including
+    the float pass that fills its group's caches when it is the first of the group),
+    ``train_seconds`` and ``cache_seconds``. Totals sum the last phase's units (for brecq the
+    activation pass) and every step's seconds.
+    """
     units = [e for e in entries if e["phase"] != "calibrate"]
     final_phase = units[-1]["phase"] if units else None
     final = [e for e in units if e["phase"] == final_phase]
@@ -649,7 +841,9 @@ def report_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 def run_key(unet_hash: str, calib_hash: str, quant_config: QuantConfig, recon_config: ReconConfig) -> str:
     """Checkpoint key: changes with any config value, the calibration data or the model weights."""
-    text = repr((SCHEMA_VERSION, sorted(as_dict(quant_config).items()), sorted(as_dict(recon_config).items())))
+    text = repr(
+        (SCHEMA_VERSION, sorted(as_dict(quant_config).items()), sorted(as_dict(recon_config).items()))
+    )
     return hashlib.sha256(f"{text}|{unet_hash}|{calib_hash}".encode()).hexdigest()[:20]
 
 
@@ -681,8 +875,13 @@ def run_reconstruction(
     store = CheckpointStore(work_dir, key)
     logger.info("reconstruction %s (method %s), checkpoints in %s", key, recon_config.method, store.path)
 
+    # reconstruction runs in float32, as the official code (AdaRound and the steps learn in it)
+    if unet.dtype != torch.float32:
+        unet.to(dtype=torch.float32)
     unet.to(device).eval()
-    model = quantize_model(unet, quant_config, example_inputs=calib.model_inputs(slice(0, 1), device), inplace=True)
+    model = quantize_model(
+        unet, quant_config, example_inputs=calib.model_inputs(slice(0, 1), device), inplace=True
+    )
     report = reconstruct(model, calib, recon_config, device, store=store, callback=callback)
     report["run_key"] = key
 

@@ -41,7 +41,9 @@ STAGE = "reconstruct"
 # ---------------------------------------------------------------------------------------------
 # State tensors
 # ---------------------------------------------------------------------------------------------
-def quant_state_dict(module: nn.Module, prefix: str = "", activations_only: bool = False) -> dict[str, torch.Tensor]:
+def quant_state_dict(
+    module: nn.Module, prefix: str = "", activations_only: bool = False
+) -> dict[str, torch.Tensor]:
     """The quantization state of ``module`` (names prefixed by ``prefix``), CPU tensors."""
     state = {}
     for name, m in module.named_modules(prefix=prefix):
@@ -68,7 +70,9 @@ def load_quant_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], stri
         expected = set(quant_state_dict(model))
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         if missing or unexpected:
-            raise KeyError(f"quant state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise KeyError(
+                f"quant state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
     by_module: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     for key, tensor in tensors.items():
         name, _, attr = key.rpartition(".")
@@ -81,15 +85,21 @@ def load_quant_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], stri
             module.weight_int.copy_(values["weight_int"])
         elif isinstance(module, UniformAffineQuantizer) and set(values) == {"scale", "zero_point", "bits"}:
             if int(values["bits"]) != module.bits:
-                raise ValueError(f"{name} has {module.bits} bits in the model, {int(values['bits'])} in the state")
-            module.set_qparams(values["scale"].to(module.scale.device), values["zero_point"].to(module.scale.device).float())
+                raise ValueError(
+                    f"{name} has {module.bits} bits in the model, {int(values['bits'])} in the state"
+                )
+            module.set_qparams(
+                values["scale"].to(module.scale.device), values["zero_point"].to(module.scale.device).float()
+            )
         else:
             raise KeyError(f"quant state entries {sorted(values)} for {name!r} fit no quantizer of the model")
 
 
 def save_quant_state(model: nn.Module, path: str | Path) -> None:
     """Write the whole quantization state of ``model`` to a safetensors file."""
-    save_file(quant_state_dict(model), str(path), metadata={"schema": SCHEMA, "schema_version": str(SCHEMA_VERSION)})
+    save_file(
+        quant_state_dict(model), str(path), metadata={"schema": SCHEMA, "schema_version": str(SCHEMA_VERSION)}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +144,9 @@ def build_manifest(
         float_bytes += numel * size
         quant_bytes += numel * layer.w_bits / 8 if layer.w_bits else numel * size
     attention = {
-        name.removesuffix(".processor"): m.bits for name, m in model.named_modules() if isinstance(m, QuantAttnProcessor)
+        name.removesuffix(".processor"): m.bits
+        for name, m in model.named_modules()
+        if isinstance(m, QuantAttnProcessor)
     }
     return {
         "schema": SCHEMA,
@@ -189,12 +201,20 @@ class CheckpointStore:
         except (json.JSONDecodeError, KeyError, TypeError):
             records = []
         for i, record in enumerate(records):
-            if i >= len(step_names) or record.get("step") != step_names[i] or not (self.path / record["file"]).exists():
-                logger.warning("checkpoint %s does not match this run from step %d: starting over", self.path, i)
+            if (
+                i >= len(step_names)
+                or record.get("step") != step_names[i]
+                or not (self.path / record["file"]).exists()
+            ):
+                logger.warning(
+                    "checkpoint %s does not match this run from step %d: starting over", self.path, i
+                )
                 return []
             self.records.append(record)
         if self.records:
-            logger.info("resuming from %s: %d of %d steps done", self.path, len(self.records), len(step_names))
+            logger.info(
+                "resuming from %s: %d of %d steps done", self.path, len(self.records), len(step_names)
+            )
         return list(self.records)
 
     def save(self, step_name: str, tensors: Mapping[str, torch.Tensor], entry: Mapping[str, Any]) -> None:
@@ -241,8 +261,8 @@ def load_quant_model(
     manifest = read_json(manifest_path, stage=STAGE)
     if manifest.get("schema") != SCHEMA or manifest.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(
-            f"{manifest_path} is schema {manifest.get('schema')} v{manifest.get('schema_version')}, this edadm reads "
-            f"{SCHEMA} v{SCHEMA_VERSION}; rerun it with `dvc repro -f {STAGE}`"
+            f"{manifest_path} is schema {manifest.get('schema')} v{manifest.get('schema_version')}, "
+            f"this edadm reads {SCHEMA} v{SCHEMA_VERSION}; rerun it with `dvc repro -f {STAGE}`"
         )
     for key in ("quant", "layout", "model_hash"):
         if key not in manifest:
@@ -259,6 +279,8 @@ def load_quant_model(
         raise ArtifactError(
             f"{quant_dir} was made for other weights than {model_dir}: rerun `dvc repro {STAGE}`"
         )
+    if unet.dtype != torch.float32:
+        unet.to(dtype=torch.float32)  # as in run_reconstruction
     try:
         config = from_dict(QuantConfig, manifest["quant"], "quant")
     except ParamError as err:

@@ -1,0 +1,56 @@
+"""Stage `evaluate`: the quantized model's samples against real data and against FP.
+
+Inputs: artifacts/reference, artifacts/samples/{fp,quant}.zarr. Outputs: metrics/eval.json
+(DVC metrics: fd, sfid, is, precision, recall for FP and quantized, and the paired fd_vs_fp,
+mse and psnr), plots/samples_fp_vs_quant.png (same seeds side by side).
+"""
+
+from __future__ import annotations
+
+import click
+
+from edadm.artifacts import write_json
+from edadm.config import load_params
+from edadm.diffusion.samples import load_samples
+from edadm.metrics import evaluate_samples
+from edadm.plots import save_grids_side_by_side
+from edadm.runtime import configure_logging, resolve_device
+
+GRID = 64
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--reference", "reference_dir", default="artifacts/reference", show_default=True)
+@click.option("--fp", "fp_path", default="artifacts/samples/fp.zarr", show_default=True)
+@click.option("--quant", "quant_path", default="artifacts/samples/quant.zarr", show_default=True)
+@click.option("--out", default="metrics/eval.json", show_default=True)
+@click.option("--grid", default="plots/samples_fp_vs_quant.png", show_default=True)
+def main(params_path: str, reference_dir: str, fp_path: str, quant_path: str, out: str, grid: str) -> None:
+    configure_logging()
+    params = load_params(params_path)
+    device = resolve_device(params.get("device", "auto"))
+    fp_images, fp_seeds = load_samples(fp_path, "sample_fp")
+    quant_images, quant_seeds = load_samples(quant_path, "sample_quant")
+    if fp_seeds.shape != quant_seeds.shape or (fp_seeds != quant_seeds).any():
+        raise ValueError(f"{fp_path} and {quant_path} were sampled from different seeds: rerun both sample stages")
+
+    fp = evaluate_samples(fp_images, reference_dir, device=device)
+    quant = evaluate_samples(quant_images, reference_dir, fp_samples=fp_images, device=device)
+    quant_params = params.get("quant", {})
+    write_json(
+        out,
+        {
+            "w_bits": quant_params.get("w_bits"),
+            "a_bits": quant_params.get("a_bits"),
+            "method": params.get("recon", {}).get("method"),
+            "calibration": params.get("select", {}).get("method"),
+            "fp": fp,
+            "quant": quant,
+        },
+    )
+    save_grids_side_by_side([fp_images[:GRID], quant_images[:GRID]], grid)
+
+
+if __name__ == "__main__":
+    main()

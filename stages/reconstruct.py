@@ -1,0 +1,51 @@
+"""Stage `reconstruct`: quantize the UNet and reconstruct it block by block (METHOD.md 0, 3).
+
+Inputs: artifacts/model, artifacts/calib.zarr. Outputs: artifacts/quant/ (state.safetensors,
+manifest.json, report.json) and plots/recon.csv. A killed run resumes from the last finished
+unit: checkpoints live in artifacts/.reconstruct-checkpoint, outside DVC's outputs, which
+DVC would delete before rerunning the stage.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import click
+import torch
+
+from edadm.artifacts import atomic_output
+from edadm.calib.store import load_calibration
+from edadm.config import load_params, load_section
+from edadm.diffusion.loading import load_unet
+from edadm.quant import CalibrationData, QuantConfig, ReconConfig, report_rows, run_reconstruction
+from edadm.runtime import configure_logging, resolve_device
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@click.option("--model", "model_dir", default="artifacts/model", show_default=True)
+@click.option("--calib", "calib_path", default="artifacts/calib.zarr", show_default=True)
+@click.option("--out", default="artifacts/quant", show_default=True)
+@click.option("--work", "work_dir", default="artifacts/.reconstruct-checkpoint", show_default=True)
+@click.option("--table", default="plots/recon.csv", show_default=True)
+def main(params_path: str, model_dir: str, calib_path: str, out: str, work_dir: str, table: str) -> None:
+    configure_logging()
+    params = load_params(params_path)
+    quant_config = load_section(QuantConfig, "quant", params)
+    recon_config = load_section(ReconConfig, "recon", params)
+    device = resolve_device(params.get("device", "auto"))
+
+    calib = load_calibration(calib_path)
+    data = CalibrationData(x=torch.from_numpy(calib.x), t=torch.from_numpy(calib.t))
+    unet = load_unet(model_dir, param="the model stage's output")
+    report = run_reconstruction(unet, data, quant_config, recon_config, out, work_dir, device)
+
+    rows = report_rows(report)
+    with atomic_output(table) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["unit"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
