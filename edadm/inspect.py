@@ -137,8 +137,50 @@ def _describe_reference(path: Path) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------------------------- quantization
+def _is_quant(path: Path) -> bool:
+    return path.is_dir() and (path / "manifest.json").exists()
+
+
+def _bits(w_bits, a_bits) -> str:
+    return f"W{w_bits if w_bits else 'fp'}A{a_bits if a_bits else 'fp'}"
+
+
+def _describe_quant(path: Path) -> list[str]:
+    manifest = json.loads((path / "manifest.json").read_text())
+    quant, recon, size = manifest["quant"], manifest["recon"], manifest["size"]
+    state = path / "state.safetensors"
+    lines = [
+        f"quantization state: {path} ({manifest['model_class']}, {_bits(quant['w_bits'], quant['a_bits'])}, "
+        f"attention {quant['attn_bits']} bit, reconstruction {recon['method']}, {recon['iters']} iterations a unit)",
+        f"  weights: {size['float_weight_bytes'] / 2**20:.2f} MB float -> {size['quantized_weight_bytes'] / 2**20:.2f} MB "
+        f"at their bit-widths; state.safetensors {state.stat().st_size / 2**20:.2f} MB",
+    ]
+    if manifest.get("unsupported"):
+        lines.append(f"  left in float (unsupported): {', '.join(manifest['unsupported'])}")
+    report = {}
+    if (path / "report.json").exists():
+        report = {e["unit"]: e for e in json.loads((path / "report.json").read_text()).get("steps", [])
+                  if e.get("phase") != "calibrate"}
+    lines.append(f"  {'unit':<34} {'kind':<6} {'loss before':>12} {'after':>10}  layers (bits)")
+    for unit in manifest["units"]:
+        entry = report.get(unit["name"], {})
+        before, after = entry.get("loss_before"), entry.get("loss_after")
+        losses = f"{before:>12.4g} {after:>10.4g}" if before is not None and after is not None else f"{'':>23}"
+        layers = ", ".join(
+            f"{layer['name'].removeprefix(unit['name'] + '.') or layer['name']} {_bits(layer['w_bits'], layer['a_bits'])}"
+            + (" split" if layer.get("split") else "")
+            for layer in unit["layers"]
+        )
+        lines.append(f"  {unit['name']:<34} {unit['kind']:<6} {losses}  {layers}")
+    for name, bits in manifest.get("attention", {}).items():
+        lines.append(f"  attention {name}: q, k, v, softmax at {bits} bit")
+    return lines
+
+
 DESCRIBERS: list[tuple[Callable[[Path], bool], Callable[[Path], list[str]]]] = [
     (_is_model, _describe_model),
+    (_is_quant, _describe_quant),
     (_is_store, _describe_store),
     (_is_reference, _describe_reference),
     (_is_json, _describe_json),

@@ -29,7 +29,7 @@ def test_dump_writes_every_step_and_the_hooked_features(tmp_path, tiny_unet, tin
     assert x.shape == (5, 6, 1, 8, 8) and x.dtype == np.float16
     assert list(t) == [800, 600, 400, 200, 0]
     assert store["features"].shape == (5, 5, 16, 2, 2)
-    assert store.attrs["feature_layer"] == LAYER and len(store.attrs["model_hash"]) == 16
+    assert store.attrs["feature_layer"] == LAYER and len(store.attrs["model_hash"]) == 64
 
     # Recompute trajectory 0 directly: x_t and the mid-block attention input must match the store.
     noise = torch.randn((6, 1, 8, 8), generator=torch.Generator().manual_seed(0))

@@ -6,6 +6,7 @@ changes that must rerun only the stages that read them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -60,10 +61,16 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     assert _stages_run(first) == stages
     for path in ("artifacts/model/unet/config.json", "artifacts/reference/reference.json",
                  "artifacts/trajectories.zarr/zarr.json", "artifacts/calib.zarr/zarr.json",
-                 "plots/model_samples.png", "plots/tdac.csv"):
+                 "plots/model_samples.png", "plots/tdac.csv", "artifacts/quant/state.safetensors",
+                 "artifacts/quant/report.json", "plots/recon.csv", "artifacts/samples/fp.zarr/zarr.json",
+                 "artifacts/samples/quant.zarr/zarr.json", "metrics/eval.json", "plots/samples_fp_vs_quant.png"):
         assert (repo / path).exists(), path
     inspect = _run([str(Path(sys.executable).parent / "edadm"), "inspect", "artifacts/calib.zarr"], repo)
     assert "allocation" in inspect
+    inspect = _run([str(Path(sys.executable).parent / "edadm"), "inspect", "artifacts/quant"], repo)
+    assert "W4" in inspect and "mid_block.attentions.0" in inspect
+    metrics = json.loads((repo / "metrics" / "eval.json").read_text())
+    assert metrics["quant"]["n"] == 64 and metrics["quant"]["psnr"] > 0 and metrics["fp"]["fd"] >= 0
 
     # Nothing changed: nothing runs.
     second = _run([*dvc, "repro"], repo)
@@ -77,7 +84,11 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     ran = _stages_run(changed)
     assert "select" in ran and not ran & {"model", "reference", "dump"}, ran
 
+    # A quantization param: reconstruct, the quantized samples and evaluate; nothing before.
+    changed = _run([*dvc, "exp", "run", "-S", "quant.w_bits=8"], repo)
+    assert _stages_run(changed) == {"reconstruct", "sample_quant", "evaluate"}
+
     # A model param: the model and everything downstream of it, but not the reference.
     changed = _run([*dvc, "exp", "run", "-S", "model.embedded.train_steps=10"], repo)
     ran = _stages_run(changed)
-    assert {"model", "dump", "select"} <= ran and "reference" not in ran, ran
+    assert {"model", "dump", "select", "reconstruct", "sample_fp"} <= ran and "reference" not in ran, ran

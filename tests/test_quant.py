@@ -286,6 +286,9 @@ def test_tiny_unet2d_condition_model_quantizes_and_runs() -> None:
 # ---------------------------------------------------------------------------------------------
 # Reconstruction
 # ---------------------------------------------------------------------------------------------
+PINNED_LOSS_AFTER = 0.33550  # tests/test_quant.py on torch 2.13 CPU
+
+
 def test_fbr_lowers_block_losses_w4(tmp_path) -> None:
     unet = tiny_unet()
     calib = tiny_calib(32)
@@ -311,6 +314,9 @@ def test_fbr_lowers_block_losses_w4(tmp_path) -> None:
         rows[0]
     )
     assert not (tmp_path / "work").exists()
+    # a fixed seed pins the run; 2 % for kernels that round differently elsewhere (a flipped
+    # AdaRound decision moves later units' losses)
+    assert abs(report["totals"]["loss_after"] - PINNED_LOSS_AFTER) < 0.02 * PINNED_LOSS_AFTER
 
 
 def test_save_load_bitwise_and_missing_artifacts(tmp_path) -> None:
@@ -433,15 +439,19 @@ def test_float_layer_targets_recomputed_when_over_budget() -> None:
     assert all(math.isfinite(e["loss_after"]) for e in blocks)
 
 
-@pytest.mark.parametrize("method", ["brecq", "layer", "none"])
+@pytest.mark.parametrize("method", ["brecq", "layer", "none", "fbr+round_reg"])
 def test_baselines_run(method: str) -> None:
     model = quantize_model(tiny_unet(), QuantConfig(w_bits=4))
-    report = reconstruct(model, tiny_calib(8), quick_recon(method=method, iters=2), "cpu")
+    recon = (
+        quick_recon(method="fbr", round_reg=True) if method == "fbr+round_reg" else quick_recon(method=method)
+    )
+    report = reconstruct(model, tiny_calib(8), recon, "cpu")
     phases = {e["phase"] for e in report["steps"]}
     expected = {
         "brecq": {"weights", "calibrate", "activations"},
         "layer": {"calibrate", "joint"},
         "none": {"calibrate", "none"},
+        "fbr+round_reg": {"calibrate", "joint"},
     }
     assert phases == expected[method]
     if method == "layer":

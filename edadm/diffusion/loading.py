@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin, UNet2DConditionModel, UNet2DModel
@@ -87,13 +87,19 @@ def save_model(unet: torch.nn.Module, scheduler: SchedulerMixin, path: str | Pat
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def model_hash(unet: torch.nn.Module) -> str:
-    """A short content hash of the UNet's weights, recorded in the artifacts made from it."""
+def update_digest(digest: Any, name: str, tensor: torch.Tensor) -> None:
+    """Feed a named tensor (dtype, shape and raw bytes: exact for any dtype) into ``digest``."""
+    tensor = tensor.detach().cpu().contiguous()
+    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def model_hash(model: torch.nn.Module) -> str:
+    """sha256 of a model's state_dict, recorded in the artifacts made from it."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(unet.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    for name, tensor in sorted(model.state_dict().items()):
+        update_digest(digest, name, tensor)
+    return digest.hexdigest()
 
 
 def ddim_from(scheduler: SchedulerMixin) -> DDIMScheduler:

@@ -74,6 +74,9 @@ class ReconConfig:
     lr_a: float | Literal["auto"] = "auto"  # activation steps; auto: 1e-3 at W8, 5e-4 at W<=4
     qdrop_prob: float = 0.5  # QDrop: probability of a float element (input mix and quantizers)
     round_weight: float = 0.01  # brecq: AdaRound rounding regulariser weight
+    # Ours, off in the official code: the rounding regulariser (round_weight, b_range, warmup)
+    # in fbr / layer too, so the soft rounding commits before the final hard rounding.
+    round_reg: bool = False
     b_range: tuple[float, float] = (20.0, 2.0)  # brecq: regulariser temperature, start -> end
     warmup: float = 0.2  # brecq: fraction of iterations before the regulariser starts
     init_batch_size: int = 256  # batch of the activation range initialisation (EMA over batches)

@@ -149,7 +149,7 @@ def quantize_model(
     # 2. attention products
     attn_bits = _bits(config.attn_bits)
     if a_bits and attn_bits:
-        for name, module in model.named_modules():
+        for name, module in list(model.named_modules()):
             if isinstance(module, Attention):
                 reason = unsupported_reason(module)
                 if reason:

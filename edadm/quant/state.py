@@ -24,6 +24,7 @@ from torch import nn
 
 from edadm.artifacts import ArtifactError, atomic_output, read_json, write_json
 from edadm.config import ParamError, as_dict, from_dict
+from edadm.diffusion.loading import load_unet, model_hash, update_digest
 from edadm.quant.attention import QuantAttnProcessor
 from edadm.quant.blocks import ModelLayout
 from edadm.quant.config import QuantConfig, ReconConfig
@@ -105,27 +106,13 @@ def save_quant_state(model: nn.Module, path: str | Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Hashes
 # ---------------------------------------------------------------------------------------------
-def _update(digest: Any, name: str, tensor: torch.Tensor) -> None:
-    tensor = tensor.detach().cpu().contiguous()
-    digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def model_hash(model: nn.Module) -> str:
-    """sha256 of a float model's state_dict (names, dtypes, shapes, bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        _update(digest, name, tensor)
-    return digest.hexdigest()
-
-
 def calibration_hash(calib: Any) -> str:
     """sha256 of the calibration set's tensors (x, t, encoder_hidden_states)."""
     digest = hashlib.sha256()
     for name in ("x", "t", "encoder_hidden_states"):
         value = getattr(calib, name)
         if value is not None:
-            _update(digest, name, value)
+            update_digest(digest, name, value)
     return digest.hexdigest()
 
 
@@ -232,18 +219,6 @@ class CheckpointStore:
 # ---------------------------------------------------------------------------------------------
 # Loading a reconstructed model
 # ---------------------------------------------------------------------------------------------
-def _unet_class(model_dir: Path) -> type:
-    from diffusers import UNet2DConditionModel, UNet2DModel
-
-    config_path = model_dir / "config.json"
-    config = read_json(config_path, stage="model")
-    classes = {"UNet2DModel": UNet2DModel, "UNet2DConditionModel": UNet2DConditionModel}
-    name = config.get("_class_name")
-    if name not in classes:
-        raise ArtifactError(f"{config_path}: _class_name {name!r} is not one of {', '.join(classes)}")
-    return classes[name]
-
-
 def load_quant_model(
     model_dir: str | Path, quant_dir: str | Path, device: torch.device | str = "cpu", check_model: bool = True
 ) -> nn.Module:
@@ -274,7 +249,7 @@ def load_quant_model(
     except Exception as err:  # safetensors raises several types for a damaged file
         raise ArtifactError(f"{state_path} could not be read ({err}); {remedy}") from err
 
-    unet = _unet_class(model_dir).from_pretrained(model_dir)
+    unet = load_unet(model_dir, param="model_dir")
     if check_model and model_hash(unet) != manifest["model_hash"]:
         raise ArtifactError(
             f"{quant_dir} was made for other weights than {model_dir}: rerun `dvc repro {STAGE}`"
