@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import sys
 import tempfile
@@ -26,17 +25,7 @@ import torch
 
 from edadm.diffusion.embedded import build_embedded_unet
 from edadm.quant import CalibrationData, QuantConfig, ReconConfig, run_reconstruction
-from edadm.runtime import resolve_device
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from edadm.runtime import cpu_name, resolve_device
 
 
 def unit_group(entry: dict) -> str:
@@ -127,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         "iters_per_unit": iters,
         "quant": {"w_bits": quant_config.w_bits, "a_bits": quant_config.a_bits},
         "device": str(device),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "methods": results,

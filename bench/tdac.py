@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -42,16 +41,7 @@ from edadm.calib.tdac import (  # noqa: E402
     step_statistics,
     tdac_allocation,
 )
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from edadm.runtime import cpu_name  # noqa: E402
 
 
 def random_features(steps: int, batch: int, seed: int = 0) -> np.ndarray:
@@ -103,7 +93,7 @@ def main() -> None:
     repeats = 1 if args.quick else 3
     threads = torch.get_num_threads()
     results: dict = {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": threads,

@@ -186,7 +186,11 @@ def open_store(path: str | Path, schema: StoreSchema, stage: str | None = None) 
 
 
 def _expected_chunks(array: zarr.Array) -> int:
-    return int(np.prod([-(-s // c) for s, c in zip(array.shape, array.chunks, strict=True)])) if array.shape else 1
+    return (
+        int(np.prod([-(-s // c) for s, c in zip(array.shape, array.chunks, strict=True)]))
+        if array.shape
+        else 1
+    )
 
 
 def _chunk_files(array_dir: Path) -> int | None:
@@ -214,7 +218,9 @@ def describe_store(group: zarr.Group) -> list[str]:
     lines = []
     for name in sorted(group.array_keys()):
         array = group[name]
-        lines.append(f"  {name:<12} shape={tuple(array.shape)} dtype={array.dtype} chunks={tuple(array.chunks)}")
+        lines.append(
+            f"  {name:<12} shape={tuple(array.shape)} dtype={array.dtype} chunks={tuple(array.chunks)}"
+        )
     lines.append("  attributes:")
     for key, value in dict(group.attrs).items():
         text = json.dumps(value, default=_json_default)

@@ -24,13 +24,16 @@ def describe(path: str | Path) -> str:
         if matches(path):
             return "\n".join(summarise(path))
     raise ArtifactError(
-        f"{path}: not an edadm artifact (model directory, Zarr store, quantization directory, reference or JSON)"
+        f"{path}: not an edadm artifact "
+        "(model directory, Zarr store, quantization directory, reference or JSON)"
     )
 
 
 # --------------------------------------------------------------------------------------------- model
 def _is_model(path: Path) -> bool:
-    return path.is_dir() and ((path / "model_index.json").exists() or (path / "unet" / "config.json").exists())
+    return path.is_dir() and (
+        (path / "model_index.json").exists() or (path / "unet" / "config.json").exists()
+    )
 
 
 def _describe_model(path: Path) -> list[str]:
@@ -40,9 +43,22 @@ def _describe_model(path: Path) -> list[str]:
     scheduler = load_scheduler(path)
     n_params = sum(p.numel() for p in unet.parameters())
     size_mb = sum(f.stat().st_size for f in path.rglob("*.safetensors")) / 2**20
-    lines = [f"diffusion model: {path}", f"  unet: {type(unet).__name__}, {n_params:,} parameters, {size_mb:.2f} MB on disk"]
-    keys = ("sample_size", "in_channels", "out_channels", "block_out_channels", "layers_per_block",
-            "down_block_types", "up_block_types", "attention_head_dim", "norm_num_groups", "cross_attention_dim")
+    lines = [
+        f"diffusion model: {path}",
+        f"  unet: {type(unet).__name__}, {n_params:,} parameters, {size_mb:.2f} MB on disk",
+    ]
+    keys = (
+        "sample_size",
+        "in_channels",
+        "out_channels",
+        "block_out_channels",
+        "layers_per_block",
+        "down_block_types",
+        "up_block_types",
+        "attention_head_dim",
+        "norm_num_groups",
+        "cross_attention_dim",
+    )
     for key in keys:
         if key in unet.config and unet.config[key] is not None:
             lines.append(f"    {key}: {_short(unet.config[key])}")
@@ -77,13 +93,19 @@ def _describe_store(path: Path) -> list[str]:
     lines += describe_store(group)
     if "per_step" in group:
         per_step = group["per_step"]
-        lines += ["  per_step:"] + ["  " + line for line in describe_store(per_step) if "attributes" not in line]
+        lines += ["  per_step:"] + [
+            "  " + line for line in describe_store(per_step) if "attributes" not in line
+        ]
         if "count" in per_step and "timesteps" in group:
             from edadm.calib.selection import allocation_chart
 
             lines.append("  allocation (samples per step):")
-            lines += ["    " + line for line in allocation_chart(np.asarray(group["timesteps"][...]),
-                                                               np.asarray(per_step["count"][...]))]
+            lines += [
+                "    " + line
+                for line in allocation_chart(
+                    np.asarray(group["timesteps"][...]), np.asarray(per_step["count"][...])
+                )
+            ]
     return lines
 
 
@@ -152,24 +174,31 @@ def _describe_quant(path: Path) -> list[str]:
     state = path / "state.safetensors"
     lines = [
         f"quantization state: {path} ({manifest['model_class']}, {_bits(quant['w_bits'], quant['a_bits'])}, "
-        f"attention {quant['attn_bits']} bit, reconstruction {recon['method']}, {recon['iters']} iterations a unit)",
-        f"  weights: {size['float_weight_bytes'] / 2**20:.2f} MB float -> {size['quantized_weight_bytes'] / 2**20:.2f} MB "
+        f"attention {quant['attn_bits']} bit, reconstruction {recon['method']}, "
+        f"{recon['iters']} iterations a unit)",
+        f"  weights: {size['float_weight_bytes'] / 2**20:.2f} MB float -> "
+        f"{size['quantized_weight_bytes'] / 2**20:.2f} MB "
         f"at their bit-widths; state.safetensors {state.stat().st_size / 2**20:.2f} MB",
     ]
     if manifest.get("unsupported"):
         lines.append(f"  left in float (unsupported): {', '.join(manifest['unsupported'])}")
     report = {}
     if (path / "report.json").exists():
-        report = {e["unit"]: e for e in json.loads((path / "report.json").read_text()).get("steps", [])
-                  if e.get("phase") != "calibrate"}
+        report = {
+            e["unit"]: e
+            for e in json.loads((path / "report.json").read_text()).get("steps", [])
+            if e.get("phase") != "calibrate"
+        }
     lines.append(f"  {'unit':<34} {'kind':<6} {'loss before':>12} {'after':>10}  layers (bits)")
     for unit in manifest["units"]:
         entry = report.get(unit["name"], {})
         before, after = entry.get("loss_before"), entry.get("loss_after")
-        losses = f"{before:>12.4g} {after:>10.4g}" if before is not None and after is not None else f"{'':>23}"
+        losses = (
+            f"{before:>12.4g} {after:>10.4g}" if before is not None and after is not None else f"{'':>23}"
+        )
         layers = ", ".join(
-            f"{layer['name'].removeprefix(unit['name'] + '.') or layer['name']} {_bits(layer['w_bits'], layer['a_bits'])}"
-            + (" split" if layer.get("split") else "")
+            f"{layer['name'].removeprefix(unit['name'] + '.') or layer['name']} "
+            f"{_bits(layer['w_bits'], layer['a_bits'])}" + (" split" if layer.get("split") else "")
             for layer in unit["layers"]
         )
         lines.append(f"  {unit['name']:<34} {unit['kind']:<6} {losses}  {layers}")

@@ -29,4 +29,20 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def configure_logging(level: int = logging.INFO) -> None:
     """Logging for stage scripts and the CLI (the library itself only logs)."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def cpu_name() -> str:
+    """The CPU model, for benchmark reports (figures are only comparable on one machine)."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

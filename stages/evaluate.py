@@ -33,7 +33,9 @@ def main(params_path: str, reference_dir: str, fp_path: str, quant_path: str, ou
     fp_images, fp_seeds = load_samples(fp_path, "sample_fp")
     quant_images, quant_seeds = load_samples(quant_path, "sample_quant")
     if fp_seeds.shape != quant_seeds.shape or (fp_seeds != quant_seeds).any():
-        raise ValueError(f"{fp_path} and {quant_path} were sampled from different seeds: rerun both sample stages")
+        raise ValueError(
+            f"{fp_path} and {quant_path} were sampled from different seeds: rerun both sample stages"
+        )
 
     fp = evaluate_samples(fp_images, reference_dir, device=device)
     quant = evaluate_samples(quant_images, reference_dir, fp_samples=fp_images, device=device)

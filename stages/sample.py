@@ -37,7 +37,9 @@ def main(which: str, params_path: str, model_dir: str, quant_dir: str, out: str 
         unet = load_quant_model(model_dir, quant_dir)
         attrs = {"model": "quant", "quant": params.get("quant"), "recon": params.get("recon")}
     out = out or f"artifacts/samples/{which}.zarr"
-    generate_samples(unet, load_scheduler(model_dir), sampler_config, config, out, device, attrs, desc=f"sample {which}")
+    generate_samples(
+        unet, load_scheduler(model_dir), sampler_config, config, out, device, attrs, desc=f"sample {which}"
+    )
 
 
 if __name__ == "__main__":

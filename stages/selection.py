@@ -42,7 +42,12 @@ def main(params_path: str, trajectories: str, out: str, table: str) -> None:
     attrs = {"select": as_dict(config), "radius": selection.radius, "dump": dict(store.attrs)}
     write_calibration(out, x, timesteps, selection.traj, selection.step, selection.per_step, attrs)
     write_step_table(table, timesteps, selection.per_step)
-    logger.info("selected %d samples from %d steps (%s)", len(x), int(np.sum(selection.per_step["count"] > 0)), config.method)
+    logger.info(
+        "selected %d samples from %d steps (%s)",
+        len(x),
+        int(np.sum(selection.per_step["count"] > 0)),
+        config.method,
+    )
 
 
 if __name__ == "__main__":

@@ -35,10 +35,12 @@ def test_dump_writes_every_step_and_the_hooked_features(tmp_path, tiny_unet, tin
     noise = torch.randn((6, 1, 8, 8), generator=torch.Generator().manual_seed(0))
     seen_x, seen_f = [], []
     with InputRecorder(tiny_unet, LAYER) as recorder:
+
         def on_step(i, t_value, x_t):
             if i:
                 seen_f.append(recorder.last[:1].clone())
             seen_x.append(x_t[:1].clone())
+
         x0 = sample(tiny_unet, tiny_scheduler, noise[:4], SAMPLER, on_step=on_step)
         seen_f.append(recorder.last[:1].clone())
     np.testing.assert_allclose(x[:, 0].astype(np.float32), torch.cat(seen_x).numpy(), atol=2e-3, rtol=1e-3)
@@ -72,8 +74,15 @@ def test_a_killed_dump_leaves_no_store(tmp_path, tiny_unet, tiny_scheduler, monk
 def test_missing_layer_names_the_param(tmp_path, tiny_unet, tiny_scheduler):
     config = DumpConfig(trajectories=2, batch_size=2)
     with pytest.raises(ParamError, match=r"select.tdac.feature_layer.*mid_block.attentions.0"):
-        dump_trajectories(tiny_unet, tiny_scheduler, SAMPLER, config, "mid_block.nope", tmp_path / "t.zarr",
-                          torch.device("cpu"))
+        dump_trajectories(
+            tiny_unet,
+            tiny_scheduler,
+            SAMPLER,
+            config,
+            "mid_block.nope",
+            tmp_path / "t.zarr",
+            torch.device("cpu"),
+        )
 
 
 def test_bad_stores_get_errors_naming_the_file_and_the_stage(tmp_path, tiny_unet, tiny_scheduler):

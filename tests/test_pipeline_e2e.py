@@ -28,7 +28,9 @@ def _run(args: list[str], cwd: Path) -> str:
     env["PYTHONPATH"] = str(cwd)  # the stages import the copied library, which is the tracked dependency
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(
+            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result.stdout + result.stderr
 
 
@@ -59,11 +61,21 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     first = _run([*dvc, "repro"], repo)
     stages = set(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
     assert _stages_run(first) == stages
-    for path in ("artifacts/model/unet/config.json", "artifacts/reference/reference.json",
-                 "artifacts/trajectories.zarr/zarr.json", "artifacts/calib.zarr/zarr.json",
-                 "plots/model_samples.png", "plots/tdac.csv", "artifacts/quant/state.safetensors",
-                 "artifacts/quant/report.json", "plots/recon.csv", "artifacts/samples/fp.zarr/zarr.json",
-                 "artifacts/samples/quant.zarr/zarr.json", "metrics/eval.json", "plots/samples_fp_vs_quant.png"):
+    for path in (
+        "artifacts/model/unet/config.json",
+        "artifacts/reference/reference.json",
+        "artifacts/trajectories.zarr/zarr.json",
+        "artifacts/calib.zarr/zarr.json",
+        "plots/model_samples.png",
+        "plots/tdac.csv",
+        "artifacts/quant/state.safetensors",
+        "artifacts/quant/report.json",
+        "plots/recon.csv",
+        "artifacts/samples/fp.zarr/zarr.json",
+        "artifacts/samples/quant.zarr/zarr.json",
+        "metrics/eval.json",
+        "plots/samples_fp_vs_quant.png",
+    ):
         assert (repo / path).exists(), path
     inspect = _run([str(Path(sys.executable).parent / "edadm"), "inspect", "artifacts/calib.zarr"], repo)
     assert "allocation" in inspect

@@ -13,8 +13,14 @@ def find_module(model: torch.nn.Module, name: str, param: str) -> torch.nn.Modul
     if name in modules:
         return modules[name]
     attention = [n for n, m in modules.items() if type(m).__name__ in ("Attention", "Transformer2DModel")]
-    hint = f" Attention modules in this model: {', '.join(attention)}." if attention else " The model has no attention."
-    raise ParamError(f"{param}={name!r}: the model has no module of that name.{hint} Set {param} to one of them.")
+    hint = (
+        f" Attention modules in this model: {', '.join(attention)}."
+        if attention
+        else " The model has no attention."
+    )
+    raise ParamError(
+        f"{param}={name!r}: the model has no module of that name.{hint} Set {param} to one of them."
+    )
 
 
 class InputRecorder:

@@ -19,7 +19,15 @@ import torch
 from diffusers import SchedulerMixin
 from tqdm.auto import tqdm
 
-from edadm.artifacts import SAMPLES, atomic_output, create_array, create_store, finish_store, open_store, read_array
+from edadm.artifacts import (
+    SAMPLES,
+    atomic_output,
+    create_array,
+    create_store,
+    finish_store,
+    open_store,
+    read_array,
+)
 from edadm.config import check_range
 from edadm.diffusion.sampling import SamplerConfig, sample
 
@@ -32,7 +40,9 @@ SEED_STRIDE = 1_000_003  # > any sample.n: seed sets of different sample.seed ne
 class SampleConfig:
     """params.yaml ``sample``."""
 
-    n: int = 1024  # the Frechet distance is biased upwards for small n: 256 samples gave 42 where 1024 gave 15
+    n: int = (
+        1024  # the Frechet distance is biased upwards for small n: 256 samples gave 42 where 1024 gave 15
+    )
     batch_size: int = 256
     seed: int = 0
     mode: Literal["fake"] = "fake"  # fake-quant; `int` (integer kernels) comes with the integer backend
@@ -65,8 +75,12 @@ def generate_samples(
     shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
     seeds = config.seed * SEED_STRIDE + np.arange(config.n, dtype=np.int64)
     with atomic_output(out_path) as tmp:
-        store = create_store(tmp, SAMPLES, {"sample": config.__dict__, "sampler": sampler_config.__dict__, **(attrs or {})})
-        images = create_array(store, "images", (config.n, *shape), np.float32, chunks=(config.batch_size, *shape))
+        store = create_store(
+            tmp, SAMPLES, {"sample": config.__dict__, "sampler": sampler_config.__dict__, **(attrs or {})}
+        )
+        images = create_array(
+            store, "images", (config.n, *shape), np.float32, chunks=(config.batch_size, *shape)
+        )
         create_array(store, "seeds", (config.n,), np.int64, data=seeds)
         for start in tqdm(range(0, config.n, config.batch_size), desc=desc, unit="batch"):
             batch_seeds = seeds[start : start + config.batch_size]

@@ -39,7 +39,8 @@ def make_sampler(train_scheduler: SchedulerMixin, config: SamplerConfig) -> Sche
     sampler = SCHEDULERS[config.name].from_config(train_scheduler.config)
     if config.steps > sampler.config.num_train_timesteps:
         raise ParamError(
-            f"sampler.steps={config.steps} exceeds the model's {sampler.config.num_train_timesteps} training steps"
+            f"sampler.steps={config.steps} exceeds the model's "
+            f"{sampler.config.num_train_timesteps} training steps"
         )
     sampler.set_timesteps(config.steps)
     return sampler

@@ -26,7 +26,7 @@ from edadm.artifacts import TRAJECTORIES, atomic_output, create_array, create_st
 from edadm.config import ParamError, as_dict, check_range
 from edadm.diffusion.hooks import InputRecorder
 from edadm.diffusion.loading import model_hash
-from edadm.diffusion.sampling import SamplerConfig, sampling_timesteps, sample
+from edadm.diffusion.sampling import SamplerConfig, sample, sampling_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,9 @@ class DumpConfig:
 
     trajectories: int = 1024  # N candidates per step; TDAC's assembly takes one sample per trajectory
     batch_size: int = 256
-    dtype: Literal["float16", "float32"] = "float16"  # x_t is unit-scale noise/images: fp16 loses nothing TDAC sees
+    dtype: Literal["float16", "float32"] = (
+        "float16"  # x_t is unit-scale noise/images: fp16 loses nothing TDAC sees
+    )
     feature_batch: int | None = None  # B trajectories whose features are stored; null = all
     seed: int = 0
 
@@ -56,6 +58,35 @@ class DumpConfig:
 
 def _steps_per_chunk(bytes_per_step: int, n_steps: int) -> int:
     return max(1, min(CHUNK_BYTES // max(1, bytes_per_step), n_steps))
+
+
+def _sample_batch(
+    unet: torch.nn.Module,
+    train_scheduler: SchedulerMixin,
+    sampler_config: SamplerConfig,
+    noise: torch.Tensor,
+    generator: torch.Generator,
+    recorder: InputRecorder,
+    n_feat: int,
+    dtype: np.dtype,
+    progress: tqdm,
+) -> tuple[np.ndarray, list[np.ndarray], torch.Tensor]:
+    """One batch of trajectories: (x_t at every step [T, b, ...], features of the first
+    ``n_feat`` trajectories per step, x_0)."""
+    x_list: list[np.ndarray] = []
+    feature_steps: list[np.ndarray] = []
+
+    def record(i: int, t: int, x_t: torch.Tensor) -> None:
+        # the features are the hooked input of the previous model call: take them on the next step
+        if i > 0 and n_feat:
+            feature_steps.append(recorder.last[:n_feat].cpu().numpy().astype(dtype))
+        x_list.append(x_t.cpu().numpy().astype(dtype))
+        progress.update(len(noise))
+
+    x0 = sample(unet, train_scheduler, noise, sampler_config, generator, record)
+    if n_feat:
+        feature_steps.append(recorder.last[:n_feat].cpu().numpy().astype(dtype))
+    return np.stack(x_list), feature_steps, x0
 
 
 @torch.no_grad()
@@ -96,10 +127,16 @@ def dump_trajectories(
         store = create_store(tmp, TRAJECTORIES, attrs)
         x_bytes = batch * channels * math.prod(size) * dtype.itemsize
         x_store = create_array(
-            store, "x", (n_steps, n_traj, channels, *size), dtype, chunks=(_steps_per_chunk(x_bytes, n_steps), batch, channels, *size)
+            store,
+            "x",
+            (n_steps, n_traj, channels, *size),
+            dtype,
+            chunks=(_steps_per_chunk(x_bytes, n_steps), batch, channels, *size),
         )
         create_array(store, "t", (n_steps,), np.int64, data=np.asarray(timesteps, dtype=np.int64))
-        x0_store = create_array(store, "x0", (n_traj, channels, *size), np.float32, chunks=(batch, channels, *size))
+        x0_store = create_array(
+            store, "x0", (n_traj, channels, *size), np.float32, chunks=(batch, channels, *size)
+        )
         feature_store = None
 
         progress = tqdm(total=n_traj * n_steps, desc="dump trajectories", unit="step")
@@ -107,24 +144,18 @@ def dump_trajectories(
             for start in range(0, n_traj, batch):
                 stop = min(start + batch, n_traj)
                 n_feat = max(0, min(stop, config.n_features) - start)
-                x_steps = np.empty((n_steps, stop - start, channels, *size), dtype=dtype)
-                feature_steps: list[np.ndarray] = []
-
-                def on_step(i: int, t: int, x_t: torch.Tensor) -> None:
-                    x_steps[i] = x_t.cpu().numpy().astype(dtype)
-
-                # 2. the features are the recorded input after each model call: take it on the next step
-                def record(i: int, t: int, x_t: torch.Tensor) -> None:
-                    if i > 0 and n_feat:
-                        feature_steps.append(recorder.last[:n_feat].cpu().numpy().astype(dtype))
-                    on_step(i, t, x_t)
-                    progress.update(stop - start)
-
-                batch_noise = noise[start:stop]
                 step_generator = torch.Generator(device=device).manual_seed(config.seed + 1 + start)
-                x0 = sample(unet, train_scheduler, batch_noise, sampler_config, step_generator, record)
-                if n_feat:
-                    feature_steps.append(recorder.last[:n_feat].cpu().numpy().astype(dtype))
+                x_steps, feature_steps, x0 = _sample_batch(
+                    unet,
+                    train_scheduler,
+                    sampler_config,
+                    noise[start:stop],
+                    step_generator,
+                    recorder,
+                    n_feat,
+                    dtype,
+                    progress,
+                )
                 x_store[:, start:stop] = x_steps
                 x0_store[start:stop] = x0.float().cpu().numpy()
                 if n_feat:
