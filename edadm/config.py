@@ -8,9 +8,10 @@ dotted param name, so a user knows which ``-S key=value`` to fix.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,8 +24,12 @@ class ParamError(ValueError):
     """A param is missing, unknown, of the wrong type or out of range."""
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read params.yaml (the file DVC tracks) into a plain dict."""
+def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read params.yaml (the file DVC tracks) into a plain dict.
+
+    ``overrides``: ``"dotted.key=value"`` strings (values parsed as YAML) applied on top, the
+    way the sweep's stages vary one setting of the shared params.yaml.
+    """
     path = Path(path)
     if not path.exists():
         raise ParamError(f"{path} not found: run from the repository root or pass --params PATH")
@@ -32,7 +37,35 @@ def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
         params = yaml.safe_load(f) or {}
     if not isinstance(params, dict):
         raise ParamError(f"{path} must hold a mapping of sections, got {type(params).__name__}")
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise ParamError(f"--set {override!r}: expected KEY=VALUE, e.g. --set quant.w_bits=4")
+        *parents, leaf = key.split(".")
+        section = params
+        for name in parents:
+            section = section.setdefault(name, {})
+            if not isinstance(section, dict):
+                raise ParamError(f"--set {override!r}: {name} is not a section of {path}")
+        section[leaf] = yaml.safe_load(text)
     return params
+
+
+def params_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Click options ``--params PATH`` and repeatable ``--set KEY=VALUE`` for a stage script.
+
+    The decorated function receives the loaded dict as ``params``.
+    """
+    import click
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, params_path: str, overrides: tuple[str, ...], **kwargs: Any) -> Any:
+        return func(*args, params=load_params(params_path, overrides), **kwargs)
+
+    wrapper = click.option(
+        "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a param (repeatable)"
+    )(wrapper)
+    return click.option("--params", "params_path", default="params.yaml", show_default=True)(wrapper)
 
 
 def param_key(field: dataclasses.Field) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from edadm.calib.selection import SelectConfig
-from edadm.config import load_params, load_section
+from edadm.config import load_section, params_options
 from edadm.diffusion.loading import load_scheduler, load_unet
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.diffusion.trajectories import DumpConfig, dump_trajectories
@@ -16,12 +16,11 @@ from edadm.runtime import configure_logging, resolve_device
 
 
 @click.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@params_options
 @click.option("--model", "model_dir", default="artifacts/model", show_default=True)
 @click.option("--out", default="artifacts/trajectories.zarr", show_default=True)
-def main(params_path: str, model_dir: str, out: str) -> None:
+def main(params: dict, model_dir: str, out: str) -> None:
     configure_logging()
-    params = load_params(params_path)
     config = load_section(DumpConfig, "dump", params)
     sampler_config = load_section(SamplerConfig, "sampler", params)
     feature_layer = load_section(SelectConfig, "select", params).tdac.feature_layer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from edadm.artifacts import write_json
-from edadm.config import load_params
+from edadm.config import params_options
 from edadm.diffusion.samples import load_samples
 from edadm.metrics import evaluate_samples
 from edadm.plots import save_grids_side_by_side
@@ -20,17 +20,29 @@ GRID = 64
 
 
 @click.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@params_options
 @click.option("--reference", "reference_dir", default="artifacts/reference", show_default=True)
 @click.option("--fp", "fp_path", default="artifacts/samples/fp.zarr", show_default=True)
-@click.option("--quant", "quant_path", default="artifacts/samples/quant.zarr", show_default=True)
+@click.option(
+    "--quant", "quant_path", default="artifacts/samples/quant.zarr", show_default=True, help="'none': FP only"
+)
 @click.option("--out", default="metrics/eval.json", show_default=True)
 @click.option("--grid", default="plots/samples_fp_vs_quant.png", show_default=True)
-def main(params_path: str, reference_dir: str, fp_path: str, quant_path: str, out: str, grid: str) -> None:
+def main(params: dict, reference_dir: str, fp_path: str, quant_path: str, out: str, grid: str) -> None:
     configure_logging()
-    params = load_params(params_path)
     device = resolve_device(params.get("device", "auto"))
     fp_images, fp_seeds = load_samples(fp_path, "sample_fp")
+    if quant_path == "none":  # the sweep's FP rows at other seeds: the noise floor of the table
+        write_json(
+            out,
+            {
+                "w_bits": 32,
+                "a_bits": 32,
+                "method": "fp",
+                "fp": evaluate_samples(fp_images, reference_dir, device=device),
+            },
+        )
+        return
     quant_images, quant_seeds = load_samples(quant_path, "sample_quant")
     if fp_seeds.shape != quant_seeds.shape or (fp_seeds != quant_seeds).any():
         raise ValueError(

@@ -14,7 +14,7 @@ import click
 import torch
 
 from edadm.artifacts import write_json
-from edadm.config import load_params, load_section
+from edadm.config import load_section, params_options
 from edadm.data import digits_split
 from edadm.diffusion.embedded import train_embedded
 from edadm.diffusion.loading import ModelConfig, load_scheduler, load_unet, model_hash, save_model
@@ -28,13 +28,12 @@ GRID_SAMPLES = 64
 
 
 @click.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@params_options
 @click.option("--out", default="artifacts/model", show_default=True)
 @click.option("--log", "log_path", default="artifacts/train.json", show_default=True)
 @click.option("--grid", default="plots/model_samples.png", show_default=True)
-def main(params_path: str, out: str, log_path: str, grid: str) -> None:
+def main(params: dict, out: str, log_path: str, grid: str) -> None:
     configure_logging()
-    params = load_params(params_path)
     config = load_section(ModelConfig, "model", params)
     device = resolve_device(params.get("device", "auto"))
 

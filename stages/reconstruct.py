@@ -15,22 +15,21 @@ import torch
 
 from edadm.artifacts import atomic_output
 from edadm.calib.store import load_calibration
-from edadm.config import load_params, load_section
+from edadm.config import load_section, params_options
 from edadm.diffusion.loading import load_unet
 from edadm.quant import CalibrationData, QuantConfig, ReconConfig, report_rows, run_reconstruction
 from edadm.runtime import configure_logging, resolve_device
 
 
 @click.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@params_options
 @click.option("--model", "model_dir", default="artifacts/model", show_default=True)
 @click.option("--calib", "calib_path", default="artifacts/calib.zarr", show_default=True)
 @click.option("--out", default="artifacts/quant", show_default=True)
 @click.option("--work", "work_dir", default="artifacts/.reconstruct-checkpoint", show_default=True)
 @click.option("--table", default="plots/recon.csv", show_default=True)
-def main(params_path: str, model_dir: str, calib_path: str, out: str, work_dir: str, table: str) -> None:
+def main(params: dict, model_dir: str, calib_path: str, out: str, work_dir: str, table: str) -> None:
     configure_logging()
-    params = load_params(params_path)
     quant_config = load_section(QuantConfig, "quant", params)
     recon_config = load_section(ReconConfig, "recon", params)
     device = resolve_device(params.get("device", "auto"))

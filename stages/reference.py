@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import click
 
-from edadm.config import load_params, load_section
+from edadm.config import load_section, params_options
 from edadm.data import digits_split
 from edadm.metrics.reference import ReferenceConfig, build_reference
 from edadm.runtime import configure_logging
 
 
 @click.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@params_options
 @click.option("--out", default="artifacts/reference", show_default=True)
-def main(params_path: str, out: str) -> None:
+def main(params: dict, out: str) -> None:
     configure_logging()
-    config = load_section(ReferenceConfig, "reference", load_params(params_path))
+    config = load_section(ReferenceConfig, "reference", params)
     real_images = None
     if config.extractor == "digits":
         _, (real_images, _) = digits_split(config.classifier.seed, config.classifier.test_fraction)

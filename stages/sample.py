@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from edadm.config import load_params, load_section
+from edadm.config import load_section, params_options
 from edadm.diffusion.loading import load_scheduler, load_unet
 from edadm.diffusion.samples import SampleConfig, generate_samples
 from edadm.diffusion.sampling import SamplerConfig
@@ -18,13 +18,12 @@ from edadm.runtime import configure_logging, resolve_device
 
 @click.command()
 @click.option("--which", type=click.Choice(["fp", "quant"]), required=True)
-@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@params_options
 @click.option("--model", "model_dir", default="artifacts/model", show_default=True)
 @click.option("--quant", "quant_dir", default="artifacts/quant", show_default=True)
 @click.option("--out", default=None, help="default: artifacts/samples/{fp,quant}.zarr")
-def main(which: str, params_path: str, model_dir: str, quant_dir: str, out: str | None) -> None:
+def main(which: str, params: dict, model_dir: str, quant_dir: str, out: str | None) -> None:
     configure_logging()
-    params = load_params(params_path)
     config = load_section(SampleConfig, "sample", params)
     sampler_config = load_section(SamplerConfig, "sampler", params)
     device = resolve_device(params.get("device", "auto"))

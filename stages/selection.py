@@ -13,20 +13,20 @@ import numpy as np
 from edadm.artifacts import read_array
 from edadm.calib.selection import SelectConfig, choose_calibration
 from edadm.calib.store import gather_inputs, open_trajectories, write_calibration, write_step_table
-from edadm.config import as_dict, load_params, load_section
+from edadm.config import as_dict, load_section, params_options
 from edadm.runtime import configure_logging
 
 logger = logging.getLogger("stages.select")
 
 
 @click.command()
-@click.option("--params", "params_path", default="params.yaml", show_default=True)
+@params_options
 @click.option("--trajectories", default="artifacts/trajectories.zarr", show_default=True)
 @click.option("--out", default="artifacts/calib.zarr", show_default=True)
 @click.option("--table", default="plots/tdac.csv", show_default=True)
-def main(params_path: str, trajectories: str, out: str, table: str) -> None:
+def main(params: dict, trajectories: str, out: str, table: str) -> None:
     configure_logging()
-    config = load_section(SelectConfig, "select", load_params(params_path))
+    config = load_section(SelectConfig, "select", params)
     store = open_trajectories(trajectories)
     timesteps = read_array(store, "t", trajectories, "dump")
     n_steps, n_traj = store["x"].shape[:2]

@@ -65,3 +65,14 @@ def test_errors_name_the_dotted_param():
         from_dict(SamplerConfig, {"name": "euler"}, "sampler")
     # YAML reads 1e-3 as a string: numbers written that way are accepted
     assert from_dict(SamplerConfig, {"eta": "1e-1"}, "sampler").eta == pytest.approx(0.1)
+
+
+def test_set_overrides_a_dotted_param_without_touching_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("quant:\n  w_bits: 4\nselect:\n  tdac:\n    lambda: 1.2\n")
+    params = load_params(path, ["quant.w_bits=8", "select.tdac.lambda=2.5", "recon.method=brecq"])
+    assert params["quant"]["w_bits"] == 8 and params["select"]["tdac"]["lambda"] == 2.5
+    assert params["recon"] == {"method": "brecq"}
+    assert "w_bits: 4" in path.read_text()
+    with pytest.raises(ParamError, match="KEY=VALUE"):
+        load_params(path, ["quant.w_bits"])

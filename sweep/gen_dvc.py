@@ -1,0 +1,151 @@
+"""Writes sweep/dvc.yaml: the paper's comparison as DVC `matrix` / `foreach` stages.
+
+Run `python sweep/gen_dvc.py` after editing CONFIGS, then `dvc repro sweep/dvc.yaml`. The
+sweep shares the main pipeline's model, reference and trajectory dump (it depends on their
+outputs), and a plain `dvc repro` of the default pipeline never runs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+# name -> (calibration rule, reconstruction method); METHOD.md sections 2 and 3.
+METHODS = {
+    "naive": ("uniform", "none"),
+    "ptq4dm": ("ndtc", "brecq"),
+    "q-diffusion": ("uniform", "brecq"),
+    "eda-dm": ("tdac", "fbr"),
+    "tdac-only": ("tdac", "brecq"),
+    "fbr-only": ("uniform", "fbr"),
+}
+PAPER_BITS = [(8, 8), (4, 8)]
+STRESS_BITS = [(4, 6), (3, 8)]  # beyond the paper: where calibration and reconstruction matter more
+STRESS_METHODS = ["naive", "q-diffusion", "eda-dm", "tdac-only"]
+CALIB_SEEDS = [0, 1, 2]  # calibration rules compared over seeds at W4A8
+FP_SEEDS = [0, 1, 2]  # the FP row's Frechet-distance noise floor
+
+
+def configs() -> dict[str, dict]:
+    out = {}
+    for name, (calib, recon) in METHODS.items():
+        bits = PAPER_BITS + (STRESS_BITS if name in STRESS_METHODS else [])
+        for w, a in bits:
+            seeds = CALIB_SEEDS if (w, a) == (4, 8) else [0]
+            for seed in seeds:
+                out[f"{name}-w{w}a{a}-s{seed}"] = {
+                    "method": name,
+                    "calib": calib,
+                    "recon": recon,
+                    "w": w,
+                    "a": a,
+                    "seed": seed,
+                }
+    return out
+
+
+def main() -> None:
+    runs = configs()
+    calibs = sorted({(c["calib"], c["seed"]) for c in runs.values()})
+    root = "artifacts"
+    stages = {
+        "select": {
+            "foreach": {f"{c}-s{s}": {"calib": c, "seed": s} for c, s in calibs},
+            "do": {
+                "wdir": "..",
+                "cmd": "python stages/selection.py --set select.method=${item.calib} "
+                "--set select.seed=${item.seed} "
+                "--trajectories artifacts/trajectories.zarr --out sweep/artifacts/calib-${key}.zarr "
+                "--table sweep/plots/calib-${key}.csv",
+                "deps": ["stages/selection.py", "edadm", "artifacts/trajectories.zarr"],
+                "params": ["select"],
+                "outs": ["sweep/artifacts/calib-${key}.zarr", "sweep/plots/calib-${key}.csv"],
+            },
+        },
+        "reconstruct": {
+            "foreach": runs,
+            "do": {
+                "wdir": "..",
+                "cmd": "python stages/reconstruct.py --set quant.w_bits=${item.w} "
+                "--set quant.a_bits=${item.a} --set recon.method=${item.recon} "
+                "--calib sweep/artifacts/calib-${item.calib}-s${item.seed}.zarr "
+                "--out sweep/artifacts/quant-${key} --work sweep/artifacts/.checkpoint-${key} "
+                "--table sweep/plots/recon-${key}.csv",
+                "deps": [
+                    "stages/reconstruct.py",
+                    "edadm",
+                    f"{root}/model",
+                    "sweep/artifacts/calib-${item.calib}-s${item.seed}.zarr",
+                ],
+                "params": ["device", "quant", "recon"],
+                "outs": ["sweep/artifacts/quant-${key}", "sweep/plots/recon-${key}.csv"],
+            },
+        },
+        "sample_fp": {
+            "foreach": {f"s{s}": s for s in FP_SEEDS},
+            "do": {
+                "wdir": "..",
+                "cmd": "python stages/sample.py --which fp --set sample.seed=${item} "
+                "--out sweep/artifacts/samples-fp-${key}.zarr",
+                "deps": ["stages/sample.py", "edadm", f"{root}/model"],
+                "params": ["device", "sampler", "sample"],
+                "outs": ["sweep/artifacts/samples-fp-${key}.zarr"],
+            },
+        },
+        "sample_quant": {
+            "foreach": runs,
+            "do": {
+                "wdir": "..",
+                "cmd": "python stages/sample.py --which quant --quant sweep/artifacts/quant-${key} "
+                "--out sweep/artifacts/samples-${key}.zarr",
+                "deps": ["stages/sample.py", "edadm", f"{root}/model", "sweep/artifacts/quant-${key}"],
+                "params": ["device", "sampler", "sample"],
+                "outs": ["sweep/artifacts/samples-${key}.zarr"],
+            },
+        },
+        "evaluate": {
+            "foreach": runs,
+            "do": {
+                "wdir": "..",
+                "cmd": "python stages/evaluate.py --set quant.w_bits=${item.w} --set quant.a_bits=${item.a} "
+                "--set recon.method=${item.recon} --set select.method=${item.calib} "
+                "--fp sweep/artifacts/samples-fp-s0.zarr --quant sweep/artifacts/samples-${key}.zarr "
+                "--out sweep/metrics/${key}.json --grid sweep/plots/samples-${key}.png",
+                "deps": [
+                    "stages/evaluate.py",
+                    "edadm",
+                    f"{root}/reference",
+                    "sweep/artifacts/samples-fp-s0.zarr",
+                    "sweep/artifacts/samples-${key}.zarr",
+                ],
+                "params": ["device"],
+                "outs": ["sweep/plots/samples-${key}.png"],
+                "metrics": ["sweep/metrics/${key}.json"],
+            },
+        },
+        "evaluate_fp": {
+            "foreach": [f"s{s}" for s in FP_SEEDS],
+            "do": {
+                "wdir": "..",
+                "cmd": "python stages/evaluate.py --fp sweep/artifacts/samples-fp-${item}.zarr --quant none "
+                "--out sweep/metrics/fp-${item}.json",
+                "deps": [
+                    "stages/evaluate.py",
+                    "edadm",
+                    f"{root}/reference",
+                    "sweep/artifacts/samples-fp-${item}.zarr",
+                ],
+                "params": ["device"],
+                "metrics": ["sweep/metrics/fp-${item}.json"],
+            },
+        },
+    }
+    header = "# Generated by sweep/gen_dvc.py: edit that file, not this one.\n"
+    (Path(__file__).parent / "dvc.yaml").write_text(
+        header + yaml.safe_dump({"stages": stages}, sort_keys=False)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Builds results/embedded.json and results/embedded.md from the sweep's metrics files.
+
+Rows: {"method", "w_bits", "a_bits", "fd", "fd_vs_fp", "is", "precision", "recall",
+"psnr_vs_fp", "n"}, averaged over calibration seeds where a configuration has several (with
+their spread), plus the FP row with ``fd_seed_std``, the Frechet distance's spread over the FP
+sampling seeds: the table's noise floor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ROOT / "sweep" / "metrics"
+NAME = re.compile(r"(?P<method>.+)-w(?P<w>\d+)a(?P<a>\d+)-s(?P<seed>\d+)\.json")
+
+
+def build_rows() -> list[dict]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for path in sorted(METRICS.glob("*.json")):
+        match = NAME.fullmatch(path.name)
+        if match:
+            quant = json.loads(path.read_text())["quant"]
+            groups[(match["method"], int(match["w"]), int(match["a"]))].append(quant)
+    fp_runs = [json.loads(p.read_text())["fp"] for p in sorted(METRICS.glob("fp-s*.json"))]
+    if not fp_runs:
+        raise SystemExit(f"no FP metrics in {METRICS}: run `dvc repro sweep/dvc.yaml` first")
+    fp_fd = [r["fd"] for r in fp_runs]
+    rows = [
+        {
+            "method": "fp",
+            "w_bits": 32,
+            "a_bits": 32,
+            "fd": float(np.mean(fp_fd)),
+            "fd_seed_std": float(np.std(fp_fd)),
+            "fd_vs_fp": 0.0,
+            "is": float(np.mean([r["is_mean"] for r in fp_runs])),
+            "precision": float(np.mean([r["precision"] for r in fp_runs])),
+            "recall": float(np.mean([r["recall"] for r in fp_runs])),
+            "psnr_vs_fp": None,
+            "n": fp_runs[0]["n"],
+            "seeds": len(fp_runs),
+        }
+    ]
+    for (method, w, a), runs in groups.items():
+
+        def mean(key: str, runs: list[dict] = runs) -> float:
+            return float(np.mean([r[key] for r in runs]))
+
+        row = {
+            "method": method,
+            "w_bits": w,
+            "a_bits": a,
+            "fd": mean("fd"),
+            "fd_vs_fp": mean("fd_vs_fp"),
+            "is": mean("is_mean"),
+            "precision": mean("precision"),
+            "recall": mean("recall"),
+            "psnr_vs_fp": mean("psnr"),
+            "n": runs[0]["n"],
+            "seeds": len(runs),
+        }
+        if len(runs) > 1:
+            row["fd_calib_std"] = float(np.std([r["fd"] for r in runs]))
+            row["psnr_calib_std"] = float(np.std([r["psnr"] for r in runs]))
+        rows.append(row)
+    rows.sort(key=lambda r: (-r["w_bits"], -r["a_bits"], r["method"]))
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    def cell(value: float | None, digits: int = 2) -> str:
+        return "" if value is None else f"{value:.{digits}f}"
+
+    lines = [
+        "| method | W/A | FD | FD vs FP | IS | precision | recall | PSNR vs FP (dB) | n | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fd = cell(r["fd"]) + (f" ± {r['fd_seed_std']:.2f}" if "fd_seed_std" in r else "")
+        fd += f" ± {r['fd_calib_std']:.2f}" if "fd_calib_std" in r else ""
+        lines.append(
+            f"| {r['method']} | W{r['w_bits']}A{r['a_bits']} | {fd} | {cell(r['fd_vs_fp'])} | "
+            f"{cell(r['is'])} | {cell(r['precision'])} | {cell(r['recall'])} | {cell(r['psnr_vs_fp'])} | "
+            f"{r['n']} | {r['seeds']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    rows = build_rows()
+    out = ROOT / "results"
+    out.mkdir(exist_ok=True)
+    (out / "embedded.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "embedded.md").write_text(markdown(rows))
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
