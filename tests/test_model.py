@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DConditionModel, UNet2DModel
+from tiny_models import tiny_cond_unet
 
 from edadm.artifacts import ArtifactError
 from edadm.config import ParamError, from_dict
@@ -54,18 +55,7 @@ def test_pretrained_path_accepts_a_diffusers_pipeline_and_a_bare_unet(tmp_path, 
     tiny_unet.save_pretrained(tmp_path / "bare")
     for path in (tmp_path / "pipe", tmp_path / "bare"):
         assert model_hash(load_unet(path)) == model_hash(tiny_unet)
-    cond = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        norm_num_groups=4,
-        attention_head_dim=4,
-    )
+    cond = tiny_cond_unet()
     cond.save_pretrained(tmp_path / "cond")
     assert isinstance(load_unet(tmp_path / "cond"), UNet2DConditionModel)
 

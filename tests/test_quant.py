@@ -7,8 +7,9 @@ import warnings
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import UNet2DModel
 from safetensors.torch import load_file
+from tiny_models import tiny_cond_unet
 from torch import nn
 
 from edadm.artifacts import ArtifactError
@@ -52,22 +53,6 @@ def tiny_unet(seed: int = 0) -> UNet2DModel:
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=4,
         attention_head_dim=8,
-    ).eval()
-
-
-def tiny_cond_unet(seed: int = 0) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=2,
-        out_channels=2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=4,
-        norm_num_groups=4,
     ).eval()
 
 

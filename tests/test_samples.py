@@ -13,8 +13,12 @@ from edadm.plots import save_grids_side_by_side
 def test_samples_depend_on_seed_not_on_batch_size(tmp_path, tiny_unet, tiny_scheduler):
     sampler = SamplerConfig(steps=4)
     cpu = torch.device("cpu")
-    generate_samples(tiny_unet, tiny_scheduler, sampler, SampleConfig(n=6, batch_size=4), tmp_path / "a.zarr", cpu)
-    generate_samples(tiny_unet, tiny_scheduler, sampler, SampleConfig(n=6, batch_size=3), tmp_path / "b.zarr", cpu)
+    generate_samples(
+        tiny_unet, tiny_scheduler, sampler, SampleConfig(n=6, batch_size=4), tmp_path / "a.zarr", cpu
+    )
+    generate_samples(
+        tiny_unet, tiny_scheduler, sampler, SampleConfig(n=6, batch_size=3), tmp_path / "b.zarr", cpu
+    )
     generate_samples(tiny_unet, tiny_scheduler, sampler, SampleConfig(n=6, seed=1), tmp_path / "c.zarr", cpu)
     a, seeds_a = load_samples(tmp_path / "a.zarr")
     b, seeds_b = load_samples(tmp_path / "b.zarr")
