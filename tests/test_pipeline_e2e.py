@@ -43,7 +43,7 @@ def repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("pipeline")
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
-    for name in ("stages", "edadm"):
+    for name in ("stages", "edadm", "sweep"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(PROFILE, repo / "params.yaml")
     _run(["git", "init", "-q"], repo)
@@ -104,3 +104,28 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     changed = _run([*dvc, "exp", "run", "-S", "model.embedded.train_steps=10"], repo)
     ran = _stages_run(changed)
     assert {"model", "dump", "select", "reconstruct", "sample_fp"} <= ran and "reference" not in ran, ran
+
+
+def test_sweep_runs_one_comparison_row_and_builds_the_results_table(repo):
+    dvc = [sys.executable, "-m", "dvc"]
+    out = _run(
+        [*dvc, "repro", "sweep/dvc.yaml:evaluate@eda-dm-w4a8-s0", "sweep/dvc.yaml:evaluate_fp@s1"], repo
+    )
+    ran = _stages_run(out)
+    assert "sweep/dvc.yaml:reconstruct@eda-dm-w4a8-s0" in ran and "dump" not in ran, ran
+    _run([sys.executable, "sweep/results.py"], repo)
+    rows = json.loads((repo / "results" / "embedded.json").read_text())
+    assert [r["method"] for r in rows] == ["fp", "eda-dm"]
+    assert set(rows[1]) >= {
+        "method",
+        "w_bits",
+        "a_bits",
+        "fd",
+        "fd_vs_fp",
+        "is",
+        "precision",
+        "recall",
+        "psnr_vs_fp",
+        "n",
+    }
+    assert rows[1]["w_bits"] == 4 and rows[1]["a_bits"] == 8 and rows[1]["n"] == 64
