@@ -7,9 +7,8 @@ import warnings
 
 import pytest
 import torch
-from diffusers import UNet2DModel
 from safetensors.torch import load_file
-from tiny_models import tiny_cond_unet
+from tiny_models import tiny_attn_unet, tiny_cond_unet
 from torch import nn
 
 from edadm.artifacts import ArtifactError
@@ -41,21 +40,6 @@ from edadm.quant.reconstruction import reconstruct
 # ---------------------------------------------------------------------------------------------
 # Fixtures
 # ---------------------------------------------------------------------------------------------
-def tiny_unet(seed: int = 0) -> UNet2DModel:
-    torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=8,
-    ).eval()
-
-
 def tiny_calib(n: int = 16, channels: int = 1, text: bool = False, seed: int = 1) -> CalibrationData:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, channels, 8, 8, generator=g)
@@ -185,7 +169,7 @@ def test_bad_params_name_the_dotted_param() -> None:
 # Quantized model
 # ---------------------------------------------------------------------------------------------
 def test_layout_order_split_and_bits() -> None:
-    model = quantize_model(tiny_unet(), QuantConfig(w_bits=4, a_bits=8))
+    model = quantize_model(tiny_attn_unet(), QuantConfig(w_bits=4, a_bits=8))
     layout = quant_info(model).layout
     names = [unit.name for unit in layout.units]
     assert names[:3] == ["time_embedding.linear_1", "time_embedding.linear_2", "conv_in"]
@@ -207,7 +191,7 @@ def test_layout_order_split_and_bits() -> None:
 
 
 def test_quant_state_off_reproduces_float_exactly() -> None:
-    unet = tiny_unet()
+    unet = tiny_attn_unet()
     calib = tiny_calib()
     model = quantize_model(unet, QuantConfig())
     calibrate_activations(model, calib.batches(8, "cpu"))
@@ -223,7 +207,7 @@ def test_quant_state_off_reproduces_float_exactly() -> None:
 
 
 def test_w32a32_leaves_everything_float() -> None:
-    unet = tiny_unet()
+    unet = tiny_attn_unet()
     model = quantize_model(unet, QuantConfig(w_bits=32, a_bits=32, first_last_bits=32))
     assert all(
         layer.weight_quantizer is None and layer.act_quantizer is None
@@ -236,7 +220,7 @@ def test_w32a32_leaves_everything_float() -> None:
 
 
 def test_unsupported_layer_warns_and_stays_float() -> None:
-    unet = tiny_unet()
+    unet = tiny_attn_unet()
     unet.conv_out = nn.ConvTranspose2d(8, 1, 3, padding=1)
     with pytest.warns(UnsupportedLayerWarning, match=r"conv_out \(ConvTranspose2d\)"):
         model = quantize_model(unet, QuantConfig())
@@ -275,7 +259,7 @@ PINNED_LOSS_AFTER = 0.33550  # tests/test_quant.py on torch 2.13 CPU
 
 
 def test_fbr_lowers_block_losses_w4(tmp_path) -> None:
-    unet = tiny_unet()
+    unet = tiny_attn_unet()
     calib = tiny_calib(32)
     report = run_reconstruction(
         unet,
@@ -305,7 +289,7 @@ def test_fbr_lowers_block_losses_w4(tmp_path) -> None:
 
 
 def test_save_load_bitwise_and_missing_artifacts(tmp_path) -> None:
-    unet = tiny_unet()
+    unet = tiny_attn_unet()
     unet.save_pretrained(tmp_path / "model")
     calib = tiny_calib(16)
     run_reconstruction(
@@ -348,7 +332,7 @@ def test_resume_skips_finished_units_and_matches_uninterrupted(tmp_path) -> None
 
     with pytest.raises(Interrupt):
         run_reconstruction(
-            tiny_unet(),
+            tiny_attn_unet(),
             calib,
             qc,
             rc,
@@ -362,7 +346,7 @@ def test_resume_skips_finished_units_and_matches_uninterrupted(tmp_path) -> None
 
     resumed: list[str] = []
     report = run_reconstruction(
-        tiny_unet(),
+        tiny_attn_unet(),
         calib,
         qc,
         rc,
@@ -374,7 +358,7 @@ def test_resume_skips_finished_units_and_matches_uninterrupted(tmp_path) -> None
     assert resumed[0] == "joint:time_embedding.linear_2"  # the finished steps were skipped
     assert len(report["steps"]) == len(resumed) + 2
 
-    fresh = run_reconstruction(tiny_unet(), calib, qc, rc, tmp_path / "b", tmp_path / "work2", "cpu")
+    fresh = run_reconstruction(tiny_attn_unet(), calib, qc, rc, tmp_path / "b", tmp_path / "work2", "cpu")
     state_a, state_b = (
         load_file(tmp_path / "a" / "state.safetensors"),
         load_file(tmp_path / "b" / "state.safetensors"),
@@ -393,7 +377,7 @@ def test_stale_checkpoint_is_not_reused(tmp_path) -> None:
 
     with pytest.raises(Interrupt):
         run_reconstruction(
-            tiny_unet(),
+            tiny_attn_unet(),
             calib,
             QuantConfig(),
             quick_recon(iters=2),
@@ -404,7 +388,7 @@ def test_stale_checkpoint_is_not_reused(tmp_path) -> None:
         )
     seen: list[str] = []
     run_reconstruction(
-        tiny_unet(seed=5),
+        tiny_attn_unet(seed=5),
         calib,
         QuantConfig(),
         quick_recon(iters=2),
@@ -417,7 +401,7 @@ def test_stale_checkpoint_is_not_reused(tmp_path) -> None:
 
 
 def test_float_layer_targets_recomputed_when_over_budget() -> None:
-    model = quantize_model(tiny_unet(), QuantConfig(w_bits=4))
+    model = quantize_model(tiny_attn_unet(), QuantConfig(w_bits=4))
     report = reconstruct(model, tiny_calib(8), quick_recon(iters=2, cache_mb=0), "cpu")
     blocks = [e for e in report["steps"] if e.get("kind") == "block"]
     assert blocks and not any(e["float_layer_targets_cached"] for e in blocks)
@@ -426,7 +410,7 @@ def test_float_layer_targets_recomputed_when_over_budget() -> None:
 
 @pytest.mark.parametrize("method", ["brecq", "layer", "none", "fbr+round_reg"])
 def test_baselines_run(method: str) -> None:
-    model = quantize_model(tiny_unet(), QuantConfig(w_bits=4))
+    model = quantize_model(tiny_attn_unet(), QuantConfig(w_bits=4))
     recon = (
         quick_recon(method="fbr", round_reg=True) if method == "fbr+round_reg" else quick_recon(method=method)
     )
