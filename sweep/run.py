@@ -1,0 +1,38 @@
+"""Runs the sweep one row at a time, most informative row first (sweep/gen_dvc.py:run_order).
+
+`dvc repro sweep/dvc.yaml` runs every row in DVC's order; this script runs the same stages
+target by target, so a sweep stopped after a few hours has the rows that matter most, and a
+rerun skips what DVC has cached. `python sweep/results.py` builds the table from whatever ran.
+
+    python sweep/run.py            # all rows
+    python sweep/run.py --list     # the order, nothing run
+    python sweep/run.py --first 8  # the first 8 targets
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gen_dvc import run_order  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@click.command()
+@click.option("--list", "list_only", is_flag=True, help="print the targets in order and exit")
+@click.option("--first", type=int, default=None, help="run only the first N targets")
+def main(list_only: bool, first: int | None) -> None:
+    targets = run_order()[:first]
+    for i, target in enumerate(targets, 1):
+        click.echo(f"[{i}/{len(targets)}] {target}")
+        if not list_only:
+            subprocess.run(["dvc", "repro", target], cwd=ROOT, check=True)
+
+
+if __name__ == "__main__":
+    main()
