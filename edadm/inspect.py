@@ -25,7 +25,7 @@ def describe(path: str | Path) -> str:
             return "\n".join(summarise(path))
     raise ArtifactError(
         f"{path}: not an edadm artifact "
-        "(model directory, Zarr store, quantization directory, reference or JSON)"
+        "(model directory, Zarr store, quantization directory, reference, JSON or safetensors file)"
     )
 
 
@@ -207,10 +207,52 @@ def _describe_quant(path: Path) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------------------------- export
+def _is_safetensors(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".safetensors"
+
+
+def _describe_safetensors(path: Path) -> list[str]:
+    """An ``edadm export`` file in full; any other safetensors file by its tensors and metadata."""
+    from safetensors import SafetensorError, safe_open
+
+    from edadm.quant.export import EXPORT_SCHEMA, export_summary
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata, n_tensors = f.metadata() or {}, len(f.keys())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(f"{path} is not a readable safetensors file (damaged? {err})") from err
+    size_mb = path.stat().st_size / 2**20
+    if metadata.get("schema") != EXPORT_SCHEMA:
+        return [
+            f"safetensors file: {path} (schema {metadata.get('schema', 'none')}), "
+            f"{n_tensors} tensors, {size_mb:.2f} MB",
+            *(f"  {key}: {_short(value)}" for key, value in metadata.items()),
+        ]
+    summary = export_summary(path)
+    quant = summary["quant"]
+    fp32_mb = summary["fp32_bytes"] / 2**20
+    lines = [
+        f"quantized export: {path} ({summary['schema']} v{summary['schema_version']}, "
+        f"{summary['model_class']})",
+        f"  bits: {_bits(quant['w_bits'], quant['a_bits'])}, attention {quant['attn_bits']} bit, "
+        f"first / last layer {quant['first_last_bits']} bit",
+        f"  layers: {summary['quantized_layers']} of {len(summary['layers'])} QuantLayers "
+        "with packed integer weights",
+        f"  size: {size_mb:.2f} MB on disk vs {fp32_mb:.2f} MB FP32 "
+        f"({100 * summary['file_bytes'] / summary['fp32_bytes']:.1f} %); "
+        f"packed weights {summary['packed_weight_bytes'] / 2**20:.2f} MB",
+    ]
+    lines += [f"  {key}: {_short(value)}" for key, value in summary["extra"].items()]
+    return lines
+
+
 DESCRIBERS: list[tuple[Callable[[Path], bool], Callable[[Path], list[str]]]] = [
     (_is_model, _describe_model),
     (_is_quant, _describe_quant),
     (_is_store, _describe_store),
     (_is_reference, _describe_reference),
     (_is_json, _describe_json),
+    (_is_safetensors, _describe_safetensors),
 ]

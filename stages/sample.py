@@ -1,8 +1,9 @@
 """Stages `sample_fp` and `sample_quant`: evaluation samples from the same per-image seeds.
 
-`--which fp` samples the full-precision model; `--which quant` the fake-quantized model
-rebuilt from artifacts/quant. Two DVC stages, so a change of quantization params reruns only
-the quantized sampling. Outputs: artifacts/samples/{fp,quant}.zarr.
+`--which fp` samples the full-precision model; `--which quant` the quantized model rebuilt
+from artifacts/quant, fake-quantized or (`sample.mode: int`) on integer kernels. Two DVC
+stages, so a change of quantization params reruns only the quantized sampling. Outputs:
+artifacts/samples/{fp,quant}.zarr.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import click
 
 from edadm.config import load_section, params_options
-from edadm.diffusion.loading import load_scheduler, load_unet
+from edadm.diffusion.loading import load_scheduler, load_unet, scheduler_from_config
 from edadm.diffusion.samples import SampleConfig, generate_samples
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.runtime import configure_logging, resolve_device
@@ -21,23 +22,46 @@ from edadm.runtime import configure_logging, resolve_device
 @params_options
 @click.option("--model", "model_dir", default="artifacts/model", show_default=True)
 @click.option("--quant", "quant_dir", default="artifacts/quant", show_default=True)
+@click.option(
+    "--export", "export_path", default=None, help="sample this `edadm export` file instead of --model/--quant"
+)
 @click.option("--out", default=None, help="default: artifacts/samples/{fp,quant}.zarr")
-def main(which: str, params: dict, model_dir: str, quant_dir: str, out: str | None) -> None:
+def main(
+    which: str, params: dict, model_dir: str, quant_dir: str, export_path: str | None, out: str | None
+) -> None:
     configure_logging()
     config = load_section(SampleConfig, "sample", params)
     sampler_config = load_section(SamplerConfig, "sampler", params)
     device = resolve_device(params.get("device", "auto"))
+    scheduler = None
     if which == "fp":
         unet = load_unet(model_dir, param="the model stage's output")
         attrs = {"model": "fp"}
     else:
-        from edadm.quant import load_quant_model
+        from edadm.quant import load_exported, load_quant_model
+        from edadm.quant.export import read_export_metadata
 
-        unet = load_quant_model(model_dir, quant_dir)
+        if export_path:
+            unet = load_exported(export_path, device)
+            scheduler = scheduler_from_config(read_export_metadata(export_path)["scheduler"])
+        else:
+            unet = load_quant_model(model_dir, quant_dir, device)
         attrs = {"model": "quant", "quant": params.get("quant"), "recon": params.get("recon")}
+        if config.mode == "int":
+            from edadm.quant.integer import to_integer
+
+            report = to_integer(unet, config.int_backend)
+            attrs["integer"] = {"backend": report.backend, "fake_layers": report.fake_layers}
     out = out or f"artifacts/samples/{which}.zarr"
     generate_samples(
-        unet, load_scheduler(model_dir), sampler_config, config, out, device, attrs, desc=f"sample {which}"
+        unet,
+        scheduler or load_scheduler(model_dir),
+        sampler_config,
+        config,
+        out,
+        device,
+        attrs,
+        desc=f"sample {which}",
     )
 
 

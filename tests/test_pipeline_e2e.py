@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -71,6 +72,7 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
         "artifacts/quant/state.safetensors",
         "artifacts/quant/report.json",
         "plots/recon.csv",
+        "artifacts/export/model.safetensors",
         "artifacts/samples/fp.zarr/zarr.json",
         "artifacts/samples/quant.zarr/zarr.json",
         "metrics/eval.json",
@@ -81,6 +83,23 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     assert "allocation" in inspect
     inspect = _run([str(Path(sys.executable).parent / "edadm"), "inspect", "artifacts/quant"], repo)
     assert "W4" in inspect and "mid_block.attentions.0" in inspect
+    inspect = _run(
+        [str(Path(sys.executable).parent / "edadm"), "inspect", "artifacts/export/model.safetensors"], repo
+    )
+    assert "% of FP32" in inspect or "%" in inspect
+    # The exported file alone (no model dir, no quant dir) reproduces the quantized samples.
+    export = "artifacts/export/model.safetensors"
+    _run(
+        [sys.executable, "stages/sample.py", "--which", "quant", "--export", export,
+         "--model", "missing", "--set", "sample.n=8", "--out", "exported.zarr"],
+        repo,
+    )  # fmt: skip
+    from edadm.diffusion.samples import load_samples
+
+    exported, _ = load_samples(repo / "exported.zarr")
+    pipeline, _ = load_samples(repo / "artifacts" / "samples" / "quant.zarr")
+    np.testing.assert_allclose(exported, pipeline[:8], atol=1e-5)
+    shutil.rmtree(repo / "exported.zarr")
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     assert metrics["quant"]["n"] == 64 and metrics["quant"]["psnr"] > 0 and metrics["fp"]["fd"] >= 0
 
@@ -96,9 +115,16 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     ran = _stages_run(changed)
     assert "select" in ran and not ran & {"model", "reference", "dump"}, ran
 
-    # A quantization param: reconstruct, the quantized samples and evaluate; nothing before.
+    # A quantization param: reconstruct, the export, the quantized samples and evaluate; nothing before.
     changed = _run([*dvc, "exp", "run", "-S", "quant.w_bits=8"], repo)
-    assert _stages_run(changed) == {"reconstruct", "sample_quant", "evaluate"}
+    assert _stages_run(changed) == {"reconstruct", "export", "sample_quant", "evaluate"}
+
+    # Integer sampling: only the quantized samples and evaluate; the metrics agree with fake quantization.
+    fake = json.loads((repo / "metrics" / "eval.json").read_text())["quant"]
+    changed = _run([*dvc, "exp", "run", "-S", "sample.mode=int"], repo)
+    assert _stages_run(changed) == {"sample_quant", "evaluate"}
+    integer = json.loads((repo / "metrics" / "eval.json").read_text())["quant"]
+    assert integer["psnr"] == pytest.approx(fake["psnr"], abs=0.5) and integer["n"] == fake["n"]
 
     # A model param: the model and everything downstream of it, but not the reference.
     changed = _run([*dvc, "exp", "run", "-S", "model.embedded.train_steps=10"], repo)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -66,10 +67,14 @@ def load_scheduler(path: str | Path) -> SchedulerMixin:
     path = Path(path)
     scheduler_dir = path / "scheduler"
     if (scheduler_dir / "scheduler_config.json").exists():
-        config = DDPMScheduler.load_config(scheduler_dir)
-        return DDPMScheduler.from_config(config)
+        return scheduler_from_config(DDPMScheduler.load_config(scheduler_dir))
     logger.warning("%s has no scheduler/ folder: assuming DDPM, 1000 linear-beta steps", path)
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+
+
+def scheduler_from_config(config: Mapping[str, Any]) -> SchedulerMixin:
+    """The training noise schedule from its config (a model directory's, or an export's metadata)."""
+    return DDPMScheduler.from_config(dict(config))
 
 
 def save_model(unet: torch.nn.Module, scheduler: SchedulerMixin, path: str | Path) -> None:

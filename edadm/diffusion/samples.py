@@ -45,7 +45,9 @@ class SampleConfig:
     )
     batch_size: int = 256
     seed: int = 0
-    mode: Literal["fake"] = "fake"  # fake-quant; `int` (integer kernels) comes with the integer backend
+    # int: the quantized Conv2d / Linear layers on int8 kernels (edadm.quant.integer)
+    mode: Literal["fake", "int"] = "fake"
+    int_backend: Literal["auto", "onednn", "int_mm"] = "auto"  # auto: onednn on CPU, int_mm on CUDA
 
     def __post_init__(self) -> None:
         check_range("sample.n", self.n, 1)

@@ -3,13 +3,15 @@
 Modules, one concept each: ``quantizer`` (grid arithmetic, UniformAffineQuantizer),
 ``adaround`` (learned rounding), ``layers`` (QuantLayer), ``attention`` (QuantAttnProcessor),
 ``blocks`` (units in execution order), ``model`` (quantize_model, set_quant_state),
-``reconstruction`` (losses, caches, FBR / BRECQ / layer-wise), ``state`` (artifacts).
+``reconstruction`` (losses, caches, FBR / BRECQ / layer-wise), ``state`` (artifacts),
+``packing`` (integer codes into bytes), ``export`` (one self-contained file).
 """
 
 from edadm.quant.adaround import AdaRoundQuantizer
 from edadm.quant.attention import QuantAttnProcessor
 from edadm.quant.blocks import ModelLayout, Unit, trace_model
 from edadm.quant.config import QuantConfig, ReconConfig
+from edadm.quant.export import export_quantized, fp32_size_bytes, load_exported
 from edadm.quant.layers import QuantLayer
 from edadm.quant.model import (
     UnsupportedLayerWarning,
@@ -18,6 +20,7 @@ from edadm.quant.model import (
     quantize_model,
     set_quant_state,
 )
+from edadm.quant.packing import pack_codes, unpack_codes
 from edadm.quant.quantizer import (
     UniformAffineQuantizer,
     dequantize,
@@ -50,11 +53,15 @@ __all__ = [
     "calibrate_activations",
     "dequantize",
     "describe_units",
+    "export_quantized",
     "fake_quantize",
     "fbr_loss",
+    "fp32_size_bytes",
+    "load_exported",
     "load_quant_model",
     "load_quant_state",
     "lp_loss",
+    "pack_codes",
     "qparams_from_range",
     "quant_state_dict",
     "quantize",
@@ -65,4 +72,5 @@ __all__ = [
     "search_range",
     "set_quant_state",
     "trace_model",
+    "unpack_codes",
 ]

@@ -1,0 +1,174 @@
+"""Benchmark of integer inference: FP32 vs fake quantization vs int8 kernels, and export sizes.
+
+    python bench/int_speed.py [--quick] [--json PATH] [--threads N]
+
+Two UNet2DModels with random weights (speed does not depend on training): the embedded
+default (1 x 16 x 16, widths 32/64/64) and the architecture of the DDPM CIFAR-10 model
+(google/ddpm-cifar10-32: 3 x 32 x 32, widths 128/256/256/256, attention at 16 x 16, 35.7M
+parameters). Each is quantized at W8A8 (activation ranges calibrated on random inputs), then
+timed as FP32, fake-quant and integer (``edadm.quant.integer``, backend ``auto`` = oneDNN on
+CPU; ``int_mm`` timed too, as the measurement that decided between them) at batch 1 and 64:
+best of a few forward passes, and a DDIM sampling run (embedded: 100 steps at batch 64; the
+CIFAR model: 10 steps at batch 64; fewer with --quick).
+
+JSON (printed, and written to PATH): ``cpu``, ``threads``, per model the timings in seconds,
+``speedup_int_vs_fp32`` (the CIFAR-sized model, W8A8, batch 64 forward, same run),
+``speedup_int_vs_fake``, ``int_vs_fake_rel_error`` (mean |int - fake| / mean |fake|),
+``w8_size_ratio`` and ``w4_size_ratio`` (exported safetensors bytes / FP32 safetensors bytes of
+the CIFAR-sized model). W4 weights run on the same int8 kernels (unpacked at load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edadm.artifacts import write_json  # noqa: E402
+from edadm.diffusion.embedded import build_embedded_unet  # noqa: E402
+from edadm.diffusion.sampling import SamplerConfig, sample  # noqa: E402
+from edadm.quant import QuantConfig, calibrate_activations, quantize_model  # noqa: E402
+from edadm.quant.export import export_quantized  # noqa: E402
+from edadm.quant.integer import to_integer  # noqa: E402
+from edadm.runtime import cpu_name  # noqa: E402
+
+
+def cifar_unet() -> UNet2DModel:
+    """The DDPM CIFAR-10 UNet's architecture (config of google/ddpm-cifar10-32), random weights."""
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        norm_eps=1e-6,
+        attention_head_dim=None,
+    ).eval()
+
+
+def inputs(unet: UNet2DModel, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    x = torch.randn(batch, unet.config.in_channels, size, size, generator=g)
+    return x, torch.randint(0, 1000, (batch,), generator=g)
+
+
+def quantized(unet: UNet2DModel, w_bits: int, a_bits: int) -> torch.nn.Module:
+    """Fake-quant model with weight ranges searched and activation ranges from 2 random batches."""
+    model = quantize_model(unet, QuantConfig(w_bits=w_bits, a_bits=a_bits))
+    batches = [dict(zip(("sample", "timestep"), inputs(unet, 8, seed), strict=True)) for seed in (1, 2)]
+    calibrate_activations(model, batches)
+    return model.eval()
+
+
+@torch.no_grad()
+def best_seconds(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, repeats: int) -> float:
+    model(x, t)  # warm-up: oneDNN primitive creation, allocator
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x, t)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@torch.no_grad()
+def sampling_seconds(model: torch.nn.Module, unet: UNet2DModel, batch: int, steps: int) -> float:
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    noise, _ = inputs(unet, batch, seed=3)
+    start = time.perf_counter()
+    sample(model, scheduler, noise, SamplerConfig(steps=steps), torch.Generator().manual_seed(0))
+    return time.perf_counter() - start
+
+
+def bench_model(name: str, unet: UNet2DModel, sampling: tuple[int, int], repeats: int) -> dict:
+    """Forward and sampling seconds of FP32, fake W8A8 and integer W8A8 (both backends)."""
+    fake = quantized(unet, 8, 8)
+    variants = {"fp32": unet, "fake": fake}
+    for backend in ("onednn", "int_mm"):
+        variants[f"int_{backend}"] = copy.deepcopy(fake)
+        to_integer(variants[f"int_{backend}"], backend)
+    out = {"parameters": sum(p.numel() for p in unet.parameters()), "forward": {}}
+    for batch in (1, 64):
+        x, t = inputs(unet, batch, seed=4)
+        out["forward"][f"batch{batch}"] = {
+            v: best_seconds(m, x, t, repeats) for v, m in variants.items() if v != "int_int_mm" or batch == 1
+        }
+        print(f"{name} batch {batch}: {out['forward'][f'batch{batch}']}", file=sys.stderr)
+    with torch.no_grad():
+        x, t = inputs(unet, 8, seed=5)
+        reference = fake(x, t).sample
+        error = (variants["int_onednn"](x, t).sample - reference).abs().mean() / reference.abs().mean()
+    out["int_vs_fake_rel_error"] = float(error)
+    batch, steps = sampling
+    out["sampling"] = {
+        "batch": batch,
+        "steps": steps,
+        **{v: sampling_seconds(variants[v], unet, batch, steps) for v in ("fp32", "fake", "int_onednn")},
+    }
+    print(f"{name} sampling: {out['sampling']}", file=sys.stderr)
+    return out
+
+
+def size_ratios(unet: UNet2DModel) -> dict:
+    """Exported W8A8 / W4A8 safetensors bytes against the FP32 safetensors of the same UNet."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fp_path = Path(tmp) / "fp32.safetensors"
+        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(fp_path))
+        sizes = {"fp32_bytes": fp_path.stat().st_size}
+        for w_bits in (8, 4):
+            path = Path(tmp) / f"w{w_bits}.safetensors"
+            export_quantized(quantized(unet, w_bits, 8), path)
+            sizes[f"w{w_bits}_bytes"] = path.stat().st_size
+    sizes["w8_size_ratio"] = sizes["w8_bytes"] / sizes["fp32_bytes"]
+    sizes["w4_size_ratio"] = sizes["w4_bytes"] / sizes["fp32_bytes"]
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and sampling steps (~1 min)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats = 1 if args.quick else 3
+    embedded, cifar = build_embedded_unet().eval(), cifar_unet()
+    output = {
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "embedded": bench_model("embedded", embedded, (64, 20 if args.quick else 100), repeats),
+        "cifar": bench_model("cifar", cifar, (64, 2 if args.quick else 10), repeats),
+    }
+    cifar64 = output["cifar"]["forward"]["batch64"]
+    output["speedup_int_vs_fp32"] = cifar64["fp32"] / cifar64["int_onednn"]
+    output["speedup_int_vs_fake"] = cifar64["fake"] / cifar64["int_onednn"]
+    output["int_vs_fake_rel_error"] = output["cifar"]["int_vs_fake_rel_error"]
+    output.update(size_ratios(cifar))
+    print(json.dumps(output, indent=2))
+    if args.json:
+        write_json(args.json, output)
+    return output
+
+
+if __name__ == "__main__":
+    main()
