@@ -32,6 +32,15 @@ FP_SEEDS = [0, 1, 2]  # the FP row's Frechet-distance noise floor
 # ~35 rows must fit in hours on 2 cores. FD is biased up at n=512 for every row alike (the table
 # carries n); the paired measures (FD vs FP, PSNR) barely move with n.
 SAMPLE_N = 512
+# Tuning of EDA-DM at W4A8 (TDAC calibration, seed 0): one knob changed from params.yaml each.
+# name -> reconstruct stage overrides. The reasons to try them are in README "Tuning".
+TUNING = {
+    "eda-dm-roundreg": {"recon.round_reg": "true"},
+    "eda-dm-noqdrop": {"recon.qdrop_prob": "0.0"},
+    "eda-dm-lowgamma": {"recon.gamma": "0.4"},
+    "eda-dm-iters1000": {"recon.iters": "1000"},
+    "q-diffusion-iters1000": {"recon.iters": "1000"},
+}
 
 
 def configs() -> dict[str, dict]:
@@ -51,7 +60,12 @@ def configs() -> dict[str, dict]:
                     "w": w,
                     "a": a,
                     "seed": seed,
+                    "extra": "",
                 }
+    for name, overrides in TUNING.items():
+        base = out[f"{name.rsplit('-', 1)[0]}-w4a8-s0"]
+        extra = "".join(f"--set {key}={value} " for key, value in overrides.items())
+        out[f"{name}-w4a8-s0"] = {**base, "method": name, "extra": extra}
     return out
 
 
@@ -62,7 +76,7 @@ def run_order() -> list[str]:
     stress bit-widths, then the extra calibration seeds of the W4A8 calibration comparison.
     """
     runs = configs()
-    names = [n for n in runs if runs[n]["seed"] == 0]
+    names = [n for n in runs if runs[n]["seed"] == 0 and not runs[n]["extra"]]
     by_bits = {
         bits: [n for n in names if (runs[n]["w"], runs[n]["a"]) == bits] for bits in PAPER_BITS + STRESS_BITS
     }
@@ -71,6 +85,7 @@ def run_order() -> list[str]:
     for bits in [(8, 8)] + STRESS_BITS:
         targets += [f"evaluate@{n}" for n in by_bits[bits]]
     targets += [f"evaluate@{n}" for n in runs if runs[n]["seed"] != 0]
+    targets += [f"evaluate@{n}-w4a8-s0" for n in TUNING]
     return [f"sweep/dvc.yaml:{t}" for t in targets]
 
 
@@ -96,7 +111,7 @@ def main() -> None:
             "foreach": runs,
             "do": {
                 "wdir": "..",
-                "cmd": "python stages/reconstruct.py --set quant.w_bits=${item.w} "
+                "cmd": "python stages/reconstruct.py ${item.extra}--set quant.w_bits=${item.w} "
                 "--set quant.a_bits=${item.a} --set recon.method=${item.recon} "
                 "--calib sweep/artifacts/calib-${item.calib}-s${item.seed}.zarr "
                 "--out sweep/artifacts/quant-${key} --work sweep/artifacts/.checkpoint-${key} "

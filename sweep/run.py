@@ -7,10 +7,12 @@ rerun skips what DVC has cached. `python sweep/results.py` builds the table from
     python sweep/run.py            # all rows
     python sweep/run.py --list     # the order, nothing run
     python sweep/run.py --first 8  # the first 8 targets
+    python sweep/run.py --only '*iters1000*'  # the targets matching a pattern
 """
 
 from __future__ import annotations
 
+import fnmatch
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @click.command()
 @click.option("--list", "list_only", is_flag=True, help="print the targets in order and exit")
 @click.option("--first", type=int, default=None, help="run only the first N targets")
-def main(list_only: bool, first: int | None) -> None:
-    targets = run_order()[:first]
+@click.option("--only", default="*", show_default=True, help="run only the targets matching this pattern")
+def main(list_only: bool, first: int | None, only: str) -> None:
+    targets = [t for t in run_order() if fnmatch.fnmatch(t, only)][:first]
     for i, target in enumerate(targets, 1):
         click.echo(f"[{i}/{len(targets)}] {target}")
         if not list_only:
