@@ -106,6 +106,13 @@ def _describe_store(path: Path) -> list[str]:
                     np.asarray(group["timesteps"][...]), np.asarray(per_step["count"][...])
                 )
             ]
+    if kind == "samples" and "images" in group and "seeds" in group:
+        images, seeds = np.asarray(group["images"][...]), np.asarray(group["seeds"][...])
+        lines.append(
+            f"  samples: {len(images)} images, seeds {seeds.min()}..{seeds.max()}, pixels mean "
+            f"{images.mean():.3f} std {images.std():.3f} in [{images.min():.2f}, {images.max():.2f}], "
+            f"{np.mean(np.abs(images) >= 1):.1%} clipped at +-1"
+        )
     return lines
 
 

@@ -13,7 +13,7 @@ from tiny_models import tiny_attn_unet
 from edadm.diffusion.samples import SampleConfig, generate_samples, load_samples
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.quant import QuantConfig, calibrate_activations, quantize_model
-from edadm.quant.integer import IntegerLayer, onednn_available, to_integer
+from edadm.quant.integer import IntegerLayer, int_mm, onednn_available, to_integer
 from edadm.quant.layers import QuantLayer
 
 BACKENDS = ["int_mm"] + (["onednn"] if onednn_available() else [])
@@ -82,3 +82,10 @@ def test_integer_sampling_matches_fake_sampling(tmp_path, tiny_scheduler) -> Non
     fake, _ = load_samples(tmp_path / "fake.zarr")
     integer, _ = load_samples(tmp_path / "int.zarr")
     assert np.abs(fake - integer).max() < 1e-3
+
+
+def test_int_mm_pads_to_the_kernel_shape_rules() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (5, 27), generator=g, dtype=torch.int8)  # M <= 16, K not a multiple of 8
+    b = torch.randint(-128, 128, (27, 3), generator=g, dtype=torch.int8)
+    assert torch.equal(int_mm(a, b), a.int() @ b.int())

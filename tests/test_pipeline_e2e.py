@@ -91,14 +91,15 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     export = "artifacts/export/model.safetensors"
     _run(
         [sys.executable, "stages/sample.py", "--which", "quant", "--export", export,
-         "--model", "missing", "--set", "sample.n=8", "--out", "exported.zarr"],
+         "--model", "missing", "--out", "exported.zarr"],
         repo,
     )  # fmt: skip
     from edadm.diffusion.samples import load_samples
 
     exported, _ = load_samples(repo / "exported.zarr")
     pipeline, _ = load_samples(repo / "artifacts" / "samples" / "quant.zarr")
-    np.testing.assert_allclose(exported, pipeline[:8], atol=1e-5)
+    # same batches as the pipeline: a batch-size change moves float sums by ulps, which flip codes
+    np.testing.assert_allclose(exported, pipeline, atol=1e-6)
     shutil.rmtree(repo / "exported.zarr")
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
     assert metrics["quant"]["n"] == 64 and metrics["quant"]["psnr"] > 0 and metrics["fp"]["fd"] >= 0

@@ -7,6 +7,7 @@ import torch
 
 from edadm.diffusion.samples import SampleConfig, generate_samples, load_samples
 from edadm.diffusion.sampling import SamplerConfig
+from edadm.inspect import describe
 from edadm.plots import save_grids_side_by_side
 
 
@@ -27,5 +28,7 @@ def test_samples_depend_on_seed_not_on_batch_size(tmp_path, tiny_unet, tiny_sche
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert np.array_equal(seeds_a, seeds_b) and not np.intersect1d(seeds_a, seeds_c).size
     assert not np.allclose(a, c)
+    summary = describe(str(tmp_path / "c.zarr"))
+    assert "samples: 6 images, seeds 1000003..1000008" in summary and '"seed": 1' in summary
     save_grids_side_by_side([a, c], tmp_path / "grid.png", nrow=3)
     assert (tmp_path / "grid.png").stat().st_size > 0

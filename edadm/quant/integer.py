@@ -197,7 +197,7 @@ class IntegerLayer(nn.Module):
             lead = codes.shape[:-1]
             rows = codes.reshape(-1, codes.shape[-1]).float()
         signed = (rows - 128).to(torch.int8)
-        acc = torch._int_mm(signed, weight.t().contiguous())  # [M, N] int32
+        acc = int_mm(signed, weight.t())  # [M, N] int32
         correction = (part.act_zero_point - 128) * weight.sum(dim=1, dtype=torch.int32)
         y = (acc - correction).float() * (part.act_scale * part.weight_scale)
         if bias is not None:
@@ -205,6 +205,22 @@ class IntegerLayer(nn.Module):
         if self.layer_type == "Conv2d":
             return y.reshape(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
         return y.reshape(*lead, self.out_channels)
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 [M, K] x int8 [K, N] -> int32 [M, N] by ``torch._int_mm``, padded to its shape rules.
+
+    cuBLASLt wants M > 16 and K, N multiples of 8; zero rows and columns add nothing to the
+    products, so the result is sliced back to [M, N].
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    pad_m, pad_k, pad_n = max(0, 17 - m), -k % 8, -n % 8
+    if pad_m or pad_k:
+        a = F.pad(a, (0, pad_k, 0, pad_m))
+    if pad_k or pad_n:
+        b = F.pad(b, (0, pad_n, 0, pad_k))
+    return torch._int_mm(a.contiguous(), b.contiguous())[:m, :n]
 
 
 def signed_weight(layer: QuantLayer) -> torch.Tensor:
