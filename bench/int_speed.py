@@ -1,6 +1,6 @@
 """Benchmark of integer inference: FP32 vs fake quantization vs int8 kernels, and export sizes.
 
-    python bench/int_speed.py [--quick] [--json PATH] [--threads N]
+    python bench/int_speed.py [--quick] [--json PATH] [--threads N] [--trained artifacts/model]
 
 Two UNet2DModels with random weights (speed does not depend on training): the embedded
 default (1 x 16 x 16, widths 32/64/64) and the architecture of the DDPM CIFAR-10 model
@@ -13,7 +13,9 @@ CIFAR model: 10 steps at batch 64; fewer with --quick).
 
 JSON (printed, and written to PATH): ``cpu``, ``threads``, per model the timings in seconds,
 ``speedup_int_vs_fp32`` (the CIFAR-sized model, W8A8, batch 64 forward, same run),
-``speedup_int_vs_fake``, ``int_vs_fake_rel_error`` (mean |int - fake| / mean |fake|),
+``speedup_int_vs_fake``, ``int_vs_fake_rel_error`` (mean |int - fake| / mean |fake| of the
+predicted noise at W8A8 on the pipeline's trained model when artifacts/model exists, else on
+the CIFAR-sized one; per model ``accuracy`` adds the float64 floor, see ``accuracy``),
 ``w8_size_ratio`` and ``w4_size_ratio`` (exported safetensors bytes / FP32 safetensors bytes of
 the CIFAR-sized model). W4 weights run on the same int8 kernels (unpacked at load).
 """
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edadm.artifacts import write_json  # noqa: E402
 from edadm.diffusion.embedded import build_embedded_unet  # noqa: E402
+from edadm.diffusion.loading import load_unet  # noqa: E402
 from edadm.diffusion.sampling import SamplerConfig, sample  # noqa: E402
 from edadm.quant import QuantConfig, calibrate_activations, quantize_model  # noqa: E402
 from edadm.quant.export import export_quantized  # noqa: E402
@@ -111,11 +114,7 @@ def bench_model(name: str, unet: UNet2DModel, sampling: tuple[int, int], repeats
             v: best_seconds(m, x, t, repeats) for v, m in variants.items() if v != "int_int_mm" or batch == 1
         }
         print(f"{name} batch {batch}: {out['forward'][f'batch{batch}']}", file=sys.stderr)
-    with torch.no_grad():
-        x, t = inputs(unet, 8, seed=5)
-        reference = fake(x, t).sample
-        error = (variants["int_onednn"](x, t).sample - reference).abs().mean() / reference.abs().mean()
-    out["int_vs_fake_rel_error"] = float(error)
+    out["accuracy"] = accuracy(fake, variants["int_onednn"], unet)
     batch, steps = sampling
     out["sampling"] = {
         "batch": batch,
@@ -124,6 +123,42 @@ def bench_model(name: str, unet: UNet2DModel, sampling: tuple[int, int], repeats
     }
     print(f"{name} sampling: {out['sampling']}", file=sys.stderr)
     return out
+
+
+@torch.no_grad()
+def accuracy(fake: torch.nn.Module, integer: torch.nn.Module, unet: UNet2DModel) -> dict:
+    """Mean relative errors of the predicted noise (8 random inputs): integer vs fake, and the floor.
+
+    The floor is fake quantization against itself in float64: float32 rounding flips a few
+    activation codes, and a network can amplify them layer by layer (random weights do, a
+    trained network much less). An integer path as exact as fake quantization has
+    ``int_vs_fake64`` no larger than ``fake_vs_fake64``.
+    """
+    x, t = inputs(unet, 8, seed=5)
+
+    def rel(y: torch.Tensor, reference: torch.Tensor) -> float:
+        return float((y - reference).abs().mean() / reference.abs().mean())
+
+    fake32 = fake(x, t).sample
+    fake64 = copy.deepcopy(fake).double()(x.double(), t).sample.float()
+    int_out = integer(x, t).sample
+    return {
+        "int_vs_fake": rel(int_out, fake32),
+        "int_vs_fake64": rel(int_out, fake64),
+        "fake_vs_fake64": rel(fake32, fake64),
+        "fake_vs_fp32": rel(fake32, unet(x, t).sample),
+    }
+
+
+def trained_accuracy(model_dir: Path) -> dict | None:
+    """``accuracy`` at W8A8 on the trained model of the pipeline, when ``dvc repro model`` has run."""
+    if not (model_dir / "unet").exists():
+        return None
+    unet = load_unet(model_dir, param="--trained")
+    fake = quantized(unet, 8, 8)
+    integer = copy.deepcopy(fake)
+    to_integer(integer)
+    return accuracy(fake, integer, unet)
 
 
 def size_ratios(unet: UNet2DModel) -> dict:
@@ -146,6 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sampling steps (~1 min)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument(
+        "--trained", type=Path, default=Path("artifacts/model"), help="trained model for the accuracy check"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,7 +200,11 @@ def main(argv: list[str] | None = None) -> dict:
     cifar64 = output["cifar"]["forward"]["batch64"]
     output["speedup_int_vs_fp32"] = cifar64["fp32"] / cifar64["int_onednn"]
     output["speedup_int_vs_fake"] = cifar64["fake"] / cifar64["int_onednn"]
-    output["int_vs_fake_rel_error"] = output["cifar"]["int_vs_fake_rel_error"]
+    output["trained_embedded_w8a8"] = trained_accuracy(args.trained)
+    # the issue's accuracy figure: on the trained model where there is one (random weights
+    # amplify float-rounding code flips; see `accuracy`)
+    source = output["trained_embedded_w8a8"] or output["cifar"]["accuracy"]
+    output["int_vs_fake_rel_error"] = source["int_vs_fake"]
     output.update(size_ratios(cifar))
     print(json.dumps(output, indent=2))
     if args.json:
