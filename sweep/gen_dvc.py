@@ -32,6 +32,7 @@ FP_SEEDS = [0, 1, 2]  # the FP row's Frechet-distance noise floor
 # name -> reconstruct stage overrides. The reasons to try them are in README "Tuning".
 TUNING = {
     "eda-dm-roundreg": {"recon.round_reg": "true"},
+    "eda-dm-lrw": {"recon.lr_w": "0.05"},
     "eda-dm-noqdrop": {"recon.qdrop_prob": "0.0"},
     "eda-dm-lowgamma": {"recon.gamma": "0.4"},
     "eda-dm-iters1000": {"recon.iters": "1000"},

@@ -13,6 +13,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,14 +21,26 @@ METRICS = ROOT / "sweep" / "metrics"
 NAME = re.compile(r"(?P<method>.+)-w(?P<w>\d+)a(?P<a>\d+)-s(?P<seed>\d+)\.json")
 
 
-def build_rows() -> list[dict]:
+def metrics_files(dirs: list[Path]) -> dict[str, Path]:
+    """File name -> path over ``dirs`` (rows of one sweep run in several work trees; first wins)."""
+    files: dict[str, Path] = {}
+    for directory in dirs:
+        for path in sorted(directory.glob("*.json")):
+            files.setdefault(path.name, path)
+    return dict(sorted(files.items()))
+
+
+def build_rows(dirs: list[Path] | None = None) -> list[dict]:
+    files = metrics_files(dirs or [METRICS])
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for path in sorted(METRICS.glob("*.json")):
-        match = NAME.fullmatch(path.name)
+    for name, path in files.items():
+        match = NAME.fullmatch(name)
         if match:
             quant = json.loads(path.read_text())["quant"]
-            groups[(match["method"], int(match["w"]), int(match["a"]))].append(quant)
-    fp_runs = [json.loads(p.read_text())["fp"] for p in sorted(METRICS.glob("fp-s*.json"))]
+            groups[(match["method"], int(match["w"]), int(match["a"]))].append(
+                {**quant, "calib_seed": int(match["seed"])}
+            )
+    fp_runs = [json.loads(path.read_text())["fp"] for name, path in files.items() if name.startswith("fp-s")]
     if not fp_runs:
         raise SystemExit(f"no FP metrics in {METRICS}: run `dvc repro sweep/dvc.yaml` first")
     fp_fd = [r["fd"] for r in fp_runs]
@@ -68,6 +81,11 @@ def build_rows() -> list[dict]:
         if len(runs) > 1:
             row["fd_calib_std"] = float(np.std([r["fd"] for r in runs]))
             row["psnr_calib_std"] = float(np.std([r["psnr"] for r in runs]))
+            row["fd_vs_fp_calib_std"] = float(np.std([r["fd_vs_fp"] for r in runs]))
+        row["runs"] = [
+            {k: r[k] for k in ("calib_seed", "fd", "fd_vs_fp", "is_mean", "precision", "recall", "psnr")}
+            for r in runs
+        ]
         rows.append(row)
     rows.sort(key=lambda r: (-r["w_bits"], -r["a_bits"], r["method"]))
     return rows
@@ -92,8 +110,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    rows = build_rows()
+@click.command()
+@click.option(
+    "--metrics",
+    "dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="metrics folder(s) of the sweep (default sweep/metrics); rows found in several: first wins",
+)
+def main(dirs: tuple[Path, ...]) -> None:
+    rows = build_rows(list(dirs) or None)
     out = ROOT / "results"
     out.mkdir(exist_ok=True)
     (out / "embedded.json").write_text(json.dumps(rows, indent=2) + "\n")
