@@ -43,7 +43,8 @@ def main(
 
         if export_path:
             unet = load_exported(export_path, device)
-            scheduler = scheduler_from_config(read_export_metadata(export_path)["scheduler"])
+            stored = read_export_metadata(export_path).get("scheduler")  # `edadm export` stores it
+            scheduler = scheduler_from_config(stored) if stored else None
         else:
             unet = load_quant_model(model_dir, quant_dir, device)
         attrs = {"model": "quant", "quant": params.get("quant"), "recon": params.get("recon")}
