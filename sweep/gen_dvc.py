@@ -34,6 +34,7 @@ TUNING = {
     "eda-dm-roundreg": {"recon.round_reg": "true"},
     "eda-dm-lrw": {"recon.lr_w": "0.05"},
     "eda-dm-fixedacts": {"recon.lr_a": "0.0"},
+    "q-diffusion-fixedacts": {"recon.lr_a": "0.0"},
     "eda-dm-noqdrop": {"recon.qdrop_prob": "0.0"},
     "eda-dm-lowgamma": {"recon.gamma": "0.4"},
     "eda-dm-iters1000": {"recon.iters": "1000"},
