@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edadm.quant.layers import QuantLayer
+from edadm.quant.model import replace_submodule
 from edadm.quant.quantizer import UniformAffineQuantizer, grid_max
 
 logger = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def signed_weight(layer: QuantLayer) -> torch.Tensor:
     """The layer's weight codes minus their zero-points (per output channel and input half)."""
     _, zero_point = layer.weight_qparams()
-    return (layer.weight_int.to(torch.int16) - zero_point.round().to(torch.int16)).to(torch.int16)
+    return layer.weight_int.to(torch.int16) - zero_point.round().to(torch.int16)
 
 
 def why_fake(layer: QuantLayer) -> str | None:
@@ -264,9 +265,7 @@ def to_integer(model: nn.Module, backend: str = "auto") -> IntegerReport:
         if reason:
             report.fake_layers[name] = reason
             continue
-        integer = IntegerLayer(layer, report.backend).to(device)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, integer)
+        replace_submodule(model, name, IntegerLayer(layer, report.backend).to(device))
         report.integer_layers.append(name)
     logger.info("integer model: %s", report.summary())
     for name, reason in report.fake_layers.items():

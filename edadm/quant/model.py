@@ -88,7 +88,8 @@ def scan_layers(model: nn.Module) -> tuple[list[str], list[str]]:
     return quantizable, unsupported
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` of ``model`` (quantize_model and to_integer swap layers)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
@@ -144,7 +145,9 @@ def quantize_model(
         layer_a_bits = None if name == last else a_bits
         split = layout.splits.get(name, 0) if config.split_shortcut else 0
         module = model.get_submodule(name)
-        _set_submodule(model, name, QuantLayer(module, layer_w_bits, layer_a_bits, config.symmetric, split))
+        replace_submodule(
+            model, name, QuantLayer(module, layer_w_bits, layer_a_bits, config.symmetric, split)
+        )
 
     # 2. attention products
     attn_bits = _bits(config.attn_bits)
