@@ -28,17 +28,20 @@ STRESS_BITS = [(4, 6), (3, 8)]  # beyond the paper: where calibration and recons
 STRESS_METHODS = ["naive", "q-diffusion", "eda-dm", "tdac-only"]
 CALIB_SEEDS = [0, 1, 2]  # calibration rules compared over seeds at W4A8
 FP_SEEDS = [0, 1, 2]  # the FP row's Frechet-distance noise floor
-# Tuning of EDA-DM at W4A8 (TDAC calibration, seed 0): one knob changed from params.yaml each.
-# name -> reconstruct stage overrides. The reasons to try them are in README "Tuning".
+# Tuning at W4A8 (seed 0): name -> (base method, reconstruct stage overrides), one knob changed
+# from params.yaml each. The reasons to try them are in README "Tuning". The `-noreg` rows are
+# the first round, run before params.yaml turned the FBR rounding regulariser on.
 TUNING = {
-    "eda-dm-roundreg": {"recon.round_reg": "true"},
-    "eda-dm-lrw": {"recon.lr_w": "0.05"},
-    "eda-dm-fixedacts": {"recon.lr_a": "0.0"},
-    "q-diffusion-fixedacts": {"recon.lr_a": "0.0"},
-    "eda-dm-noqdrop": {"recon.qdrop_prob": "0.0"},
-    "eda-dm-lowgamma": {"recon.gamma": "0.4"},
-    "eda-dm-iters1000": {"recon.iters": "1000"},
-    "q-diffusion-iters1000": {"recon.iters": "1000"},
+    "eda-dm-noreg": ("eda-dm", {"recon.round_reg": "false"}),
+    "eda-dm-noreg-lrw": ("eda-dm", {"recon.round_reg": "false", "recon.lr_w": "0.05"}),
+    "eda-dm-noreg-fixedacts": ("eda-dm", {"recon.round_reg": "false", "recon.lr_a": "0.0"}),
+    "eda-dm-noreg-noqdrop": ("eda-dm", {"recon.round_reg": "false", "recon.qdrop_prob": "0.0"}),
+    "eda-dm-noreg-iters1000": ("eda-dm", {"recon.round_reg": "false", "recon.iters": "1000"}),
+    "eda-dm-fixedacts": ("eda-dm", {"recon.lr_a": "0.0"}),
+    "eda-dm-iters1000": ("eda-dm", {"recon.iters": "1000"}),
+    "eda-dm-lowgamma": ("eda-dm", {"recon.gamma": "0.4"}),
+    "q-diffusion-fixedacts": ("q-diffusion", {"recon.lr_a": "0.0"}),
+    "q-diffusion-iters1000": ("q-diffusion", {"recon.iters": "1000"}),
 }
 
 
@@ -61,8 +64,8 @@ def configs() -> dict[str, dict]:
                     "seed": seed,
                     "extra": "",
                 }
-    for name, overrides in TUNING.items():
-        base = out[f"{name.rsplit('-', 1)[0]}-w4a8-s0"]
+    for name, (method, overrides) in TUNING.items():
+        base = out[f"{method}-w4a8-s0"]
         extra = "".join(f"--set {key}={value} " for key, value in overrides.items())
         out[f"{name}-w4a8-s0"] = {**base, "method": name, "extra": extra}
     return out
