@@ -41,6 +41,9 @@ TUNING = {
     "eda-dm-iters1000": ("eda-dm", {"recon.iters": "1000"}),
     "eda-dm-lowgamma": ("eda-dm", {"recon.gamma": "0.4"}),
     "q-diffusion-fixedacts": ("q-diffusion", {"recon.lr_a": "0.0"}),
+    # fixed steps with the other calibration rule: is it FBR or TDAC's ranges that fail?
+    "fbr-only-fixedacts": ("fbr-only", {"recon.lr_a": "0.0"}),
+    "tdac-only-fixedacts": ("tdac-only", {"recon.lr_a": "0.0"}),
     "q-diffusion-iters1000": ("q-diffusion", {"recon.iters": "1000"}),
 }
 
