@@ -8,6 +8,7 @@ it has finished, so a killed stage leaves the old artifact or none, never a half
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -82,6 +83,14 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], header: Sequence[str] = ()) -> None:
+    """Write dict rows as CSV, atomically; the header is ``header`` or the first row's keys."""
+    with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(header or (rows[0] if rows else [])))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def read_json(path: str | Path, stage: str) -> Any:

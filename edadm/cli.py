@@ -55,5 +55,52 @@ def export(model_dir: str, quant_dir: str, out_file: str) -> None:
     )
 
 
+@main.command("step-error")
+@click.option(
+    "--model", "model_dir", required=True, type=click.Path(), help="Float diffusers model directory."
+)
+@click.option("--trajectories", required=True, type=click.Path(), help="The dump stage's trajectories.zarr.")
+@click.option(
+    "--quant",
+    "quants",
+    required=True,
+    multiple=True,
+    metavar="[NAME=]DIR",
+    help="Output of a reconstruct stage (repeatable; NAME labels its column).",
+)
+@click.option("--every", default=10, show_default=True, help="Visit every EVERY-th step (and the last).")
+@click.option("--n", default=64, show_default=True, help="Trajectories per step (the dump's last N).")
+@click.option("--out", "out_file", type=click.Path(), help="Also write the table as CSV here.")
+def step_error(
+    model_dir: str, trajectories: str, quants: tuple[str, ...], every: int, n: int, out_file: str | None
+) -> None:
+    """Relative noise-prediction error of quantized models against FP, step by step."""
+    from edadm.artifacts import write_csv
+    from edadm.calib.store import open_trajectories
+    from edadm.config import ParamError
+    from edadm.diffusion.loading import load_unet
+    from edadm.metrics.step_error import noise_error_by_step
+    from edadm.quant import load_quant_model
+
+    names = [q.split("=", 1)[0] if "=" in q else q for q in quants]
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"two share a name ({names}): label them NAME=DIR", param_hint="--quant")
+    try:
+        store = open_trajectories(trajectories)
+        fp = load_unet(model_dir, param="--model").eval()
+        models = {
+            name: load_quant_model(model_dir, q.split("=", 1)[-1]).eval()
+            for name, q in zip(names, quants, strict=True)
+        }
+        rows = noise_error_by_step(fp, models, store, every=every, n=n)
+    except (ArtifactError, ParamError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo("step  t     " + "  ".join(f"{name:>12s}" for name in names))
+    for row in rows:
+        click.echo(f"{row['step']:<5d} {row['t']:<5d} " + "  ".join(f"{row[name]:12.3e}" for name in names))
+    if out_file:
+        write_csv(out_file, rows)
+
+
 if __name__ == "__main__":
     main()

@@ -8,12 +8,10 @@ DVC would delete before rerunning the stage.
 
 from __future__ import annotations
 
-import csv
-
 import click
 import torch
 
-from edadm.artifacts import atomic_output
+from edadm.artifacts import write_csv
 from edadm.calib.store import load_calibration
 from edadm.config import load_section, params_options
 from edadm.diffusion.loading import load_unet
@@ -40,10 +38,7 @@ def main(params: dict, model_dir: str, calib_path: str, out: str, work_dir: str,
     report = run_reconstruction(unet, data, quant_config, recon_config, out, work_dir, device)
 
     rows = report_rows(report)
-    with atomic_output(table) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["unit"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(table, rows, header=() if rows else ["unit"])
 
 
 if __name__ == "__main__":

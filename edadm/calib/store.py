@@ -9,7 +9,6 @@ Layout:
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from edadm.artifacts import (
     finish_store,
     open_store,
     read_array,
+    write_csv,
 )
 
 PER_STEP = ("density", "diversity", "weight", "count")
@@ -93,12 +93,11 @@ def load_calibration(path: str | Path) -> CalibrationArrays:
 def write_step_table(path: str | Path, timesteps: np.ndarray, per_step: dict[str, np.ndarray]) -> None:
     """plots/tdac.csv: one row per step (step, t, density, diversity, weight, count)."""
     columns = [name for name in PER_STEP if name in per_step]
-    with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", "t", *columns])
-        for i, t in enumerate(timesteps):
-            row = [i, int(t)]
-            for name in columns:
-                value = per_step[name][i]
-                row.append(int(value) if name == "count" else ("" if np.isnan(value) else f"{value:.6g}"))
-            writer.writerow(row)
+    rows = []
+    for i, t in enumerate(timesteps):
+        row = {"step": i, "t": int(t)}
+        for name in columns:
+            value = per_step[name][i]
+            row[name] = int(value) if name == "count" else ("" if np.isnan(value) else f"{value:.6g}")
+        rows.append(row)
+    write_csv(path, rows, header=["step", "t", *columns])

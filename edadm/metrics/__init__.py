@@ -6,6 +6,7 @@
 - ``extractors``: the ``FeatureExtractor`` interface and batched ``extract_all``.
 - ``classifier``: the digits CNN (embedded default); ``inception``: the FID Inception-v3.
 - ``reference``: ``ReferenceConfig``, ``build_reference``, ``load_extractor``, ``evaluate_samples``.
+- ``step_error``: ``noise_error_by_step``, where along the trajectory a quantized model drifts.
 """
 
 from edadm.metrics.classifier import ClassifierConfig, DigitsClassifier, train_classifier
@@ -23,6 +24,7 @@ from edadm.metrics.reference import (
     reference_config,
 )
 from edadm.metrics.scores import inception_score, paired_agreement
+from edadm.metrics.step_error import noise_error_by_step
 
 __all__ = [
     "ClassifierConfig",
@@ -40,6 +42,7 @@ __all__ = [
     "load_extractor",
     "load_fid_inception",
     "load_reference_stats",
+    "noise_error_by_step",
     "paired_agreement",
     "precision_recall",
     "read_reference",
