@@ -123,8 +123,9 @@ class Selection:
             ``random``).
         traj: ``[n]`` int64 trajectory index of each calibration sample.
         step: ``[n]`` int64 step index (0 = first, noisiest sampling step). Both arrays are
-            sorted by step, then by trajectory, so reading ``x[step, traj]`` from the
-            trajectory store goes step by step.
+            sorted by trajectory, then by step: the official TDAC order (sample b is
+            trajectory b at a randomly permuted step), which mixes the steps in every
+            consecutive batch, as the batch-by-batch EMA of the activation ranges assumes.
         per_step: ``[T]`` arrays: ``count`` (int64, samples per step), ``timestep`` (the
             model timestep t of each step), and float64 ``density`` (raw D_i), ``diversity``
             (raw V_i), ``weight`` (w_i = D^ + lambda V^): NaN for the baselines.
@@ -221,7 +222,9 @@ def choose_calibration(
         method = "random"
         traj, step = random_selection(config.size, n_steps, n_trajectories, rng)
 
-    order = np.lexsort((traj, step))  # by step, then trajectory
+    # By trajectory, then step. Not by step: the activation ranges are an EMA over consecutive
+    # batches (the first weighs ~70 %), so a step-sorted set fits them to the noisiest steps.
+    order = np.lexsort((step, traj))
     traj, step = traj[order].astype(np.int64), step[order].astype(np.int64)
     per_step = {
         "count": np.bincount(step, minlength=n_steps).astype(np.int64),
