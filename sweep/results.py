@@ -120,7 +120,7 @@ def markdown(rows: list[dict]) -> str:
     tuning = [r for r in rows if r["method"] in TUNING]
     lines = table([r for r in rows if r["method"] not in TUNING])
     if tuning:
-        lines += ["", "Tuning (W4A8, calibration seed 0, one recon knob changed from params.yaml):", ""]
+        lines += ["", "Tuning (calibration seed 0, one recon knob changed from params.yaml):", ""]
         lines += table(tuning)
     return "\n".join(lines) + "\n"
 
@@ -133,12 +133,18 @@ def markdown(rows: list[dict]) -> str:
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="metrics folder(s) of the sweep (default sweep/metrics); rows found in several: first wins",
 )
-def main(dirs: tuple[Path, ...]) -> None:
+@click.option(
+    "--out",
+    default="results/embedded",
+    show_default=True,
+    help="path stem of the table: STEM.json and STEM.md (relative to the repository root)",
+)
+def main(dirs: tuple[Path, ...], out: str) -> None:
     rows = build_rows(list(dirs) or None)
-    out = ROOT / "results"
-    out.mkdir(exist_ok=True)
-    (out / "embedded.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "embedded.md").write_text(markdown(rows))
+    stem = ROOT / out
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_name(stem.name + ".json").write_text(json.dumps(rows, indent=2) + "\n")
+    stem.with_name(stem.name + ".md").write_text(markdown(rows))
     print(markdown(rows))
 
 
