@@ -1,0 +1,62 @@
+"""The sweep's definition (sweep/gen_dvc.py) and its table builder (sweep/results.py), without running it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sweep"))
+import gen_dvc  # noqa: E402
+
+import results  # noqa: E402
+
+
+def test_every_configuration_runs_once_in_order_and_dvc_yaml_is_current() -> None:
+    runs = gen_dvc.configs()
+    order = gen_dvc.run_order()
+    targets = [t.split("@", 1)[1] for t in order if "evaluate@" in t]
+    assert sorted(targets) == sorted(runs) and len(set(order)) == len(order)
+    assert order[0] == "sweep/dvc.yaml:evaluate_fp@s0"  # every row pairs with FP seed 0
+    # the paper's rows at W4A8 over three calibration seeds, the stress rows at seed 0 only
+    assert {f"{m}-w4a8-s{s}" for m in gen_dvc.METHODS for s in gen_dvc.CALIB_SEEDS} <= set(runs)
+    assert {f"{m}-w3a8-s0" for m in gen_dvc.STRESS_METHODS} <= set(runs)
+    for name, (base, overrides) in gen_dvc.TUNING.items():
+        assert runs[f"{name}-w4a8-s0"]["calib"] == runs[f"{base}-w4a8-s0"]["calib"]
+        assert all(f"--set {k}={v}" in runs[f"{name}-w4a8-s0"]["extra"] for k, v in overrides.items())
+    # the committed sweep/dvc.yaml is what gen_dvc.py writes
+    committed = yaml.safe_load((Path(gen_dvc.__file__).parent / "dvc.yaml").read_text())
+    assert sorted(committed["stages"]["reconstruct"]["foreach"]) == sorted(runs)
+
+
+def _metrics(path: Path, fd: float, psnr: float, fp_fd: float = 1.0) -> None:
+    fp = {"n": 8, "fd": fp_fd, "is_mean": 5.0, "precision": 0.7, "recall": 0.8}
+    quant = {**fp, "fd": fd, "fd_vs_fp": fd / 10, "psnr": psnr}
+    path.write_text(json.dumps({"fp": fp, "quant": quant}))
+
+
+def test_rows_average_calibration_seeds_and_tuning_rows_get_their_own_table(tmp_path) -> None:
+    _metrics(tmp_path / "fp-s0.json", 0, 0, fp_fd=1.0)
+    _metrics(tmp_path / "fp-s1.json", 0, 0, fp_fd=2.0)
+    _metrics(tmp_path / "eda-dm-w4a8-s0.json", 3.0, 28.0)
+    _metrics(tmp_path / "eda-dm-w4a8-s1.json", 5.0, 30.0)
+    _metrics(tmp_path / "eda-dm-fixedacts-w4a8-s0.json", 4.0, 24.0)
+    rows = {(r["method"], r["w_bits"]): r for r in results.build_rows([tmp_path])}
+    fp, eda = rows[("fp", 32)], rows[("eda-dm", 4)]
+    assert fp["fd"] == pytest.approx(1.5) and fp["fd_seed_std"] == pytest.approx(0.5) and fp["seeds"] == 2
+    assert eda["fd"] == pytest.approx(4.0) and eda["psnr_vs_fp"] == pytest.approx(29.0)
+    assert eda["fd_calib_std"] == pytest.approx(1.0) and [r["calib_seed"] for r in eda["runs"]] == [0, 1]
+
+    result = CliRunner().invoke(
+        results.main, ["--metrics", str(tmp_path), "--out", str(tmp_path / "out" / "t")]
+    )
+    assert result.exit_code == 0, result.output
+    table = (tmp_path / "out" / "t.md").read_text()
+    main_table, tuning = table.split("Tuning")
+    assert "| eda-dm | W4A8 | 4.00 ± 1.00 |" in main_table and "29.00 ± 1.00" in main_table
+    assert "fixedacts" not in main_table and "| eda-dm-fixedacts | W4A8 |" in tuning
+    assert len(json.loads((tmp_path / "out" / "t.json").read_text())) == 3
