@@ -74,25 +74,27 @@ def export(model_dir: str, quant_dir: str, out_file: str) -> None:
 def step_error(
     model_dir: str, trajectories: str, quants: tuple[str, ...], every: int, n: int, out_file: str | None
 ) -> None:
-    """Relative noise-prediction error of quantized models against FP, step by step."""
+    """Relative noise-prediction error of quantized models against FP, step by step (GPU if any)."""
     from edadm.artifacts import write_csv
     from edadm.calib.store import open_trajectories
     from edadm.config import ParamError
     from edadm.diffusion.loading import load_unet
     from edadm.metrics.step_error import noise_error_by_step
     from edadm.quant import load_quant_model
+    from edadm.runtime import resolve_device
 
+    device = resolve_device("auto")
     names = [q.split("=", 1)[0] if "=" in q else q for q in quants]
     if len(set(names)) != len(names):
         raise click.BadParameter(f"two share a name ({names}): label them NAME=DIR", param_hint="--quant")
     try:
         store = open_trajectories(trajectories)
-        fp = load_unet(model_dir, param="--model").eval()
+        fp = load_unet(model_dir, param="--model").to(device).eval()
         models = {
-            name: load_quant_model(model_dir, q.split("=", 1)[-1]).eval()
+            name: load_quant_model(model_dir, q.split("=", 1)[-1], device).eval()
             for name, q in zip(names, quants, strict=True)
         }
-        rows = noise_error_by_step(fp, models, store, every=every, n=n)
+        rows = noise_error_by_step(fp, models, store, every=every, n=n, device=device)
     except (ArtifactError, ParamError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     click.echo("step  t     " + "  ".join(f"{name:>12s}" for name in names))
