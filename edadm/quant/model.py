@@ -208,7 +208,9 @@ def calibrate_activations(model: nn.Module, batches: Iterable[Mapping[str, Any]]
 
     ``batches`` yields forward keyword arguments already on the model's device. Weights are
     quantized during the pass (as in the official code), so each quantizer sees the input the
-    quantized network gives it.
+    quantized network gives it. The EMA weighs early batches most: each batch should mix the
+    timesteps (the select stage's sets are in trajectory order for this), or the ranges fit
+    the steps that come first.
     """
     quantizers = act_quantizers(model)
     for quantizer in quantizers:
