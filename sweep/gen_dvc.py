@@ -29,8 +29,8 @@ STRESS_METHODS = ["naive", "q-diffusion", "eda-dm", "tdac-only"]
 CALIB_SEEDS = [0, 1, 2]  # calibration rules compared over seeds at W4A8
 FP_SEEDS = [0, 1, 2]  # the FP row's Frechet-distance noise floor
 # Tuning at W4A8 (seed 0): name -> (base method, reconstruct stage overrides), one knob changed
-# from params.yaml each. The reasons to try them are in README "Tuning". The `-noreg` rows are
-# the first round, run before params.yaml turned the FBR rounding regulariser on.
+# from params.yaml each (the `-noreg` rows: the first round's knob with the FBR rounding
+# regulariser off, as params.yaml had it then). Why each was tried: README "What the figures say".
 TUNING = {
     "eda-dm-noreg": ("eda-dm", {"recon.round_reg": "false"}),
     "eda-dm-noreg-lrw": ("eda-dm", {"recon.round_reg": "false", "recon.lr_w": "0.05"}),

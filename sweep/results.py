@@ -120,7 +120,8 @@ def markdown(rows: list[dict]) -> str:
     tuning = [r for r in rows if r["method"] in TUNING]
     lines = table([r for r in rows if r["method"] not in TUNING])
     if tuning:
-        lines += ["", "Tuning (calibration seed 0, one recon knob changed from params.yaml):", ""]
+        caption = "Tuning (calibration seed 0, recon knobs set as in sweep/gen_dvc.py TUNING):"
+        lines += ["", caption, ""]
         lines += table(tuning)
     return "\n".join(lines) + "\n"
 

@@ -9,7 +9,6 @@ of samples shows up as a bump at those steps.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 
 import numpy as np
@@ -19,8 +18,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edadm.config import check_range
-
-logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
