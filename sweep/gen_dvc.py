@@ -29,22 +29,23 @@ STRESS_METHODS = ["naive", "q-diffusion", "eda-dm", "tdac-only"]
 CALIB_SEEDS = [0, 1, 2]  # calibration rules compared over seeds at W4A8
 FP_SEEDS = [0, 1, 2]  # the FP row's Frechet-distance noise floor
 # Tuning at W4A8 (seed 0): name -> (base method, reconstruct stage overrides), one knob changed
-# from params.yaml each (the `-noreg` rows: the first round's knob with the FBR rounding
-# regulariser off, as params.yaml had it then). Why each was tried: README "What the figures say".
+# from params.yaml each. Why each was tried: README "What the figures say". (The first round's
+# `-noreg-*` rows, each knob with the rounding regulariser off, are in results/embedded-round1.md.)
 TUNING = {
     "eda-dm-noreg": ("eda-dm", {"recon.round_reg": "false"}),
-    "eda-dm-noreg-lrw": ("eda-dm", {"recon.round_reg": "false", "recon.lr_w": "0.05"}),
-    "eda-dm-noreg-fixedacts": ("eda-dm", {"recon.round_reg": "false", "recon.lr_a": "0.0"}),
-    "eda-dm-noreg-noqdrop": ("eda-dm", {"recon.round_reg": "false", "recon.qdrop_prob": "0.0"}),
-    "eda-dm-noreg-iters1000": ("eda-dm", {"recon.round_reg": "false", "recon.iters": "1000"}),
-    "eda-dm-fixedacts": ("eda-dm", {"recon.lr_a": "0.0"}),
-    "eda-dm-iters1000": ("eda-dm", {"recon.iters": "1000"}),
+    "eda-dm-lrw": ("eda-dm", {"recon.lr_w": "0.05"}),
+    "eda-dm-noqdrop": ("eda-dm", {"recon.qdrop_prob": "0.0"}),
     "eda-dm-lowgamma": ("eda-dm", {"recon.gamma": "0.4"}),
+    "eda-dm-iters1000": ("eda-dm", {"recon.iters": "1000"}),
+    "q-diffusion-iters1000": ("q-diffusion", {"recon.iters": "1000"}),
+    # fixed activation steps (no LSQ): do the learned steps help, for each calibration rule?
+    "eda-dm-fixedacts": ("eda-dm", {"recon.lr_a": "0.0"}),
     "q-diffusion-fixedacts": ("q-diffusion", {"recon.lr_a": "0.0"}),
-    # fixed steps with the other calibration rule: is it FBR or TDAC's ranges that fail?
     "fbr-only-fixedacts": ("fbr-only", {"recon.lr_a": "0.0"}),
     "tdac-only-fixedacts": ("tdac-only", {"recon.lr_a": "0.0"}),
-    "q-diffusion-iters1000": ("q-diffusion", {"recon.iters": "1000"}),
+    # activation ranges searched once on the whole calibration set instead of an EMA over batches
+    "naive-initall": ("naive", {"recon.init_batch_size": "1024"}),
+    "eda-dm-initall": ("eda-dm", {"recon.init_batch_size": "1024"}),
 }
 
 

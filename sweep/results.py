@@ -3,7 +3,9 @@
 Rows: {"method", "w_bits", "a_bits", "fd", "fd_vs_fp", "is", "precision", "recall",
 "psnr_vs_fp", "n"}, averaged over calibration seeds where a configuration has several (with
 their spread), plus the FP row with ``fd_seed_std``, the Frechet distance's spread over the FP
-sampling seeds: the table's noise floor.
+sampling seeds: the table's noise floor. Every row keeps its per-seed runs, so
+``--previous results/embedded.json`` adds newly run rows to the committed table (a row run
+again replaces its old figures) without the metrics folders of the runs before.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ METRICS = ROOT / "sweep" / "metrics"
 NAME = re.compile(r"(?P<method>.+)-w(?P<w>\d+)a(?P<a>\d+)-s(?P<seed>\d+)\.json")
 
 
+RUN_KEYS = ("fd", "fd_vs_fp", "is_mean", "precision", "recall", "psnr")
+
+
 def metrics_files(dirs: list[Path]) -> dict[str, Path]:
     """File name -> path over ``dirs`` (rows of one sweep run in several work trees; first wins)."""
     files: dict[str, Path] = {}
@@ -34,41 +39,69 @@ def metrics_files(dirs: list[Path]) -> dict[str, Path]:
     return dict(sorted(files.items()))
 
 
-def build_rows(dirs: list[Path] | None = None) -> list[dict]:
-    files = metrics_files(dirs or [METRICS])
+def runs_from_metrics(dirs: list[Path]) -> dict[tuple, dict]:
+    """(method, w_bits, a_bits, seed) -> one run's figures, from the sweep's metrics files.
+
+    The seed is the calibration seed of a quantized row and the sampling seed of an FP run.
+    """
+    runs: dict[tuple, dict] = {}
+    for name, path in metrics_files(dirs).items():
+        metrics = json.loads(path.read_text())
+        if match := NAME.fullmatch(name):
+            key = (match["method"], int(match["w"]), int(match["a"]), int(match["seed"]))
+            runs[key] = {k: metrics["quant"][k] for k in (*RUN_KEYS, "n")}
+        elif match := re.fullmatch(r"fp-s(\d+)\.json", name):
+            fp = metrics["fp"]
+            runs[("fp", 32, 32, int(match[1]))] = {
+                **{k: fp[k] for k in ("fd", "is_mean", "precision", "recall", "n")},
+                "fd_vs_fp": 0.0,
+                "psnr": None,
+            }
+    return runs
+
+
+def runs_from_table(path: Path) -> dict[tuple, dict]:
+    """The per-seed runs a results JSON keeps, keyed as in :func:`runs_from_metrics`.
+
+    Lets a sweep continued on another machine (or after its metrics folders are gone) add its
+    new rows to the committed table instead of rerunning every row.
+    """
+    try:
+        rows = json.loads(path.read_text())
+        runs = {}
+        for row in rows:
+            config = (row["method"], row["w_bits"], row["a_bits"])
+            for run in row.get("runs", []):  # tables before this script kept FP runs had none for FP
+                seed = run["calib_seed"] if "calib_seed" in run else run["sample_seed"]
+                runs[(*config, seed)] = {
+                    **{k: run[k] for k in RUN_KEYS},
+                    "n": row["n"],
+                }
+        return runs
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"{path}: not a results table written by sweep/results.py ({err})") from err
+
+
+def build_rows(dirs: list[Path] | None = None, previous: list[Path] = ()) -> list[dict]:
+    """The table's rows from the metrics files in ``dirs``, plus the runs of ``previous`` tables
+    that no metrics file gives again (a rerun row replaces its old figures)."""
+    runs = runs_from_metrics(dirs or [METRICS])
+    for table in previous:
+        for key, run in runs_from_table(table).items():
+            runs.setdefault(key, run)
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for name, path in files.items():
-        match = NAME.fullmatch(name)
-        if match:
-            quant = json.loads(path.read_text())["quant"]
-            groups[(match["method"], int(match["w"]), int(match["a"]))].append(
-                {**quant, "calib_seed": int(match["seed"])}
-            )
-    fp_runs = [json.loads(path.read_text())["fp"] for name, path in files.items() if name.startswith("fp-s")]
-    if not fp_runs:
-        raise SystemExit(f"no FP metrics in {METRICS}: run `dvc repro sweep/dvc.yaml` first")
-    fp_fd = [r["fd"] for r in fp_runs]
-    rows = [
-        {
-            "method": "fp",
-            "w_bits": 32,
-            "a_bits": 32,
-            "fd": float(np.mean(fp_fd)),
-            "fd_seed_std": float(np.std(fp_fd)),
-            "fd_vs_fp": 0.0,
-            "is": float(np.mean([r["is_mean"] for r in fp_runs])),
-            "precision": float(np.mean([r["precision"] for r in fp_runs])),
-            "recall": float(np.mean([r["recall"] for r in fp_runs])),
-            "psnr_vs_fp": None,
-            "n": fp_runs[0]["n"],
-            "seeds": len(fp_runs),
-        }
-    ]
-    for (method, w, a), runs in groups.items():
+    for (method, w, a, seed), run in sorted(runs.items()):
+        groups[(method, w, a)].append({**run, "seed": seed})
+    if ("fp", 32, 32) not in groups:
+        raise SystemExit(f"no FP metrics in {dirs or [METRICS]}: run `dvc repro sweep/dvc.yaml` first")
+    rows = []
+    for (method, w, a), group in groups.items():
 
-        def mean(key: str, runs: list[dict] = runs) -> float:
-            return float(np.mean([r[key] for r in runs]))
+        def mean(key: str, group: list[dict] = group) -> float | None:
+            values = [r[key] for r in group]
+            return None if None in values else float(np.mean(values))
 
+        fp = method == "fp"
         row = {
             "method": method,
             "w_bits": w,
@@ -79,17 +112,17 @@ def build_rows(dirs: list[Path] | None = None) -> list[dict]:
             "precision": mean("precision"),
             "recall": mean("recall"),
             "psnr_vs_fp": mean("psnr"),
-            "n": runs[0]["n"],
-            "seeds": len(runs),
+            "n": group[0]["n"],
+            "seeds": len(group),
         }
-        if len(runs) > 1:
-            row["fd_calib_std"] = float(np.std([r["fd"] for r in runs]))
-            row["psnr_calib_std"] = float(np.std([r["psnr"] for r in runs]))
-            row["fd_vs_fp_calib_std"] = float(np.std([r["fd_vs_fp"] for r in runs]))
-        row["runs"] = [
-            {k: r[k] for k in ("calib_seed", "fd", "fd_vs_fp", "is_mean", "precision", "recall", "psnr")}
-            for r in runs
-        ]
+        if fp:  # the FP row's seeds are sampling seeds: their spread is the table's noise floor
+            row["fd_seed_std"] = float(np.std([r["fd"] for r in group]))
+        elif len(group) > 1:
+            row["fd_calib_std"] = float(np.std([r["fd"] for r in group]))
+            row["psnr_calib_std"] = float(np.std([r["psnr"] for r in group]))
+            row["fd_vs_fp_calib_std"] = float(np.std([r["fd_vs_fp"] for r in group]))
+        seed_key = "sample_seed" if fp else "calib_seed"
+        row["runs"] = [{seed_key: r["seed"], **{k: r[k] for k in RUN_KEYS}} for r in group]
         rows.append(row)
     rows.sort(key=lambda r: (-r["w_bits"], -r["a_bits"], r["method"]))
     return rows
@@ -135,13 +168,19 @@ def markdown(rows: list[dict]) -> str:
     help="metrics folder(s) of the sweep (default sweep/metrics); rows found in several: first wins",
 )
 @click.option(
+    "--previous",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="a results JSON whose per-seed runs are kept where the metrics folders give no new run",
+)
+@click.option(
     "--out",
     default="results/embedded",
     show_default=True,
     help="path stem of the table: STEM.json and STEM.md (relative to the repository root)",
 )
-def main(dirs: tuple[Path, ...], out: str) -> None:
-    rows = build_rows(list(dirs) or None)
+def main(dirs: tuple[Path, ...], previous: tuple[Path, ...], out: str) -> None:
+    rows = build_rows(list(dirs) or None, list(previous))
     stem = ROOT / out
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_name(stem.name + ".json").write_text(json.dumps(rows, indent=2) + "\n")

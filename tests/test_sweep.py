@@ -62,3 +62,27 @@ def test_rows_average_calibration_seeds_and_tuning_rows_get_their_own_table(tmp_
     assert "| eda-dm | W4A8 | 4.00 ± 1.00 |" in main_table and "29.00 ± 1.00" in main_table
     assert "fixedacts" not in main_table and "| eda-dm-fixedacts | W4A8 |" in tuning
     assert len(json.loads((tmp_path / "out" / "t.json").read_text())) == 3
+
+
+def test_previous_table_keeps_its_runs_and_new_metrics_replace_them(tmp_path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    _metrics(first / "fp-s0.json", 0, 0, fp_fd=1.0)
+    _metrics(first / "eda-dm-w4a8-s0.json", 3.0, 28.0)
+    _metrics(first / "naive-w4a8-s0.json", 9.0, 20.0)
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(results.build_rows([first])))
+
+    # a later sweep: FP seed 1, a new calibration seed, and naive run again (its figures replace the old)
+    _metrics(second / "fp-s1.json", 0, 0, fp_fd=2.0)
+    _metrics(second / "eda-dm-w4a8-s1.json", 5.0, 30.0)
+    _metrics(second / "naive-w4a8-s0.json", 7.0, 21.0)
+    rows = {(r["method"], r["w_bits"]): r for r in results.build_rows([second], [table])}
+    assert rows[("fp", 32)]["fd"] == pytest.approx(1.5) and rows[("fp", 32)]["seeds"] == 2
+    assert [r["sample_seed"] for r in rows[("fp", 32)]["runs"]] == [0, 1]
+    assert rows[("eda-dm", 4)]["psnr_vs_fp"] == pytest.approx(29.0) and rows[("eda-dm", 4)]["seeds"] == 2
+    assert rows[("naive", 4)]["fd"] == pytest.approx(7.0) and rows[("naive", 4)]["seeds"] == 1
+
+    table.write_text("[{}]")
+    with pytest.raises(SystemExit, match="not a results table"):
+        results.build_rows([second], [table])
