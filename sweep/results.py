@@ -82,12 +82,33 @@ def runs_from_table(path: Path) -> dict[tuple, dict]:
         raise SystemExit(f"{path}: not a results table written by sweep/results.py ({err})") from err
 
 
+FP_SEED0 = ("fp", 32, 32, 0)
+
+
+def _check_same_model(table: Path, old: dict | None, new: dict | None) -> None:
+    """Runs join only runs of the same model: FP seed 0 is bitwise reproducible on one machine,
+    so its figures identify the model (one trained on another CPU type differs in its bits)."""
+    if old is None:
+        raise SystemExit(
+            f"{table} has no FP seed-0 run, so its rows can't be shown to come from this model: "
+            "rerun its rows instead (`python sweep/run.py`)"
+        )
+    if new is not None and any(old[k] != new[k] for k in ("fd", "is_mean", "precision", "recall")):
+        raise SystemExit(
+            f"{table}: its FP seed-0 run differs from that in the metrics folders (FD {old['fd']:.4f} vs "
+            f"{new['fd']:.4f}): the tables come from different models (trained on another machine?); "
+            "rerun the rows on one model instead of merging"
+        )
+
+
 def build_rows(dirs: list[Path] | None = None, previous: list[Path] = ()) -> list[dict]:
     """The table's rows from the metrics files in ``dirs``, plus the runs of ``previous`` tables
     that no metrics file gives again (a rerun row replaces its old figures)."""
     runs = runs_from_metrics(dirs or [METRICS])
     for table in previous:
-        for key, run in runs_from_table(table).items():
+        kept = runs_from_table(table)
+        _check_same_model(table, kept.get(FP_SEED0), runs.get(FP_SEED0))
+        for key, run in kept.items():
             runs.setdefault(key, run)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for (method, w, a, seed), run in sorted(runs.items()):

@@ -83,6 +83,16 @@ def test_previous_table_keeps_its_runs_and_new_metrics_replace_them(tmp_path) ->
     assert rows[("eda-dm", 4)]["psnr_vs_fp"] == pytest.approx(29.0) and rows[("eda-dm", 4)]["seeds"] == 2
     assert rows[("naive", 4)]["fd"] == pytest.approx(7.0) and rows[("naive", 4)]["seeds"] == 1
 
+    # a table of another model (its FP seed-0 run differs) must not be merged
+    _metrics(second / "fp-s0.json", 0, 0, fp_fd=1.1)
+    with pytest.raises(SystemExit, match="different models"):
+        results.build_rows([second], [table])
+
+    old_rows = json.loads(table.read_text())
+    table.write_text(json.dumps([r for r in old_rows if r["method"] != "fp"]))
+    with pytest.raises(SystemExit, match="no FP seed-0 run"):
+        results.build_rows([second], [table])
+
     table.write_text("[{}]")
     with pytest.raises(SystemExit, match="not a results table"):
         results.build_rows([second], [table])
