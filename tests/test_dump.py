@@ -52,11 +52,18 @@ def test_dump_writes_every_step_and_the_hooked_features(tmp_path, tiny_unet, tin
 
 def test_same_seed_same_store_and_batch_size_does_not_matter(tmp_path, tiny_unet, tiny_scheduler):
     a = _dump(tiny_unet, tiny_scheduler, tmp_path / "a.zarr")
+    again = _dump(tiny_unet, tiny_scheduler, tmp_path / "again.zarr")
     b = _dump(tiny_unet, tiny_scheduler, tmp_path / "b.zarr", batch_size=3)
     c = _dump(tiny_unet, tiny_scheduler, tmp_path / "c.zarr", seed=1)
-    assert np.array_equal(a["x"][...], b["x"][...])
-    assert np.array_equal(a["features"][...], b["features"][...])
-    assert not np.array_equal(a["x"][...], c["x"][...])
+    assert np.array_equal(a["x"][...], again["x"][...])  # same params: bitwise the same store
+    assert np.array_equal(a["features"][...], again["features"][...])
+    # Another batch size: the same trajectories (per-trajectory noise), up to float rounding, which
+    # some CPUs' kernels (seen on AMD EPYC, not on Intel Xeon) change with the batch's shape.
+    np.testing.assert_allclose(a["x"][...].astype(np.float32), b["x"][...].astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(
+        a["features"][...].astype(np.float32), b["features"][...].astype(np.float32), atol=2e-3, rtol=1e-3
+    )
+    assert not np.allclose(a["x"][...].astype(np.float32), c["x"][...].astype(np.float32), atol=0.1)
 
 
 def test_a_killed_dump_leaves_no_store(tmp_path, tiny_unet, tiny_scheduler, monkeypatch):
