@@ -283,9 +283,9 @@ def test_fbr_lowers_block_losses_w4(tmp_path) -> None:
         rows[0]
     )
     assert not (tmp_path / "work").exists()
-    # a fixed seed pins the run; 2 % for kernels that round differently elsewhere (a flipped
-    # AdaRound decision moves later units' losses)
-    assert abs(report["totals"]["loss_after"] - PINNED_LOSS_AFTER) < 0.02 * PINNED_LOSS_AFTER
+    # a fixed seed pins the run; 5 % for kernels that round differently on other CPUs (a flipped
+    # AdaRound decision moves later units' losses): Intel Xeon 0.3355, AMD EPYC 0.3276 (-2.4 %)
+    assert abs(report["totals"]["loss_after"] - PINNED_LOSS_AFTER) < 0.05 * PINNED_LOSS_AFTER
 
 
 def test_save_load_bitwise_and_missing_artifacts(tmp_path) -> None:
