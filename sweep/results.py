@@ -63,15 +63,15 @@ def runs_from_metrics(dirs: list[Path]) -> dict[tuple, dict]:
 def runs_from_table(path: Path) -> dict[tuple, dict]:
     """The per-seed runs a results JSON keeps, keyed as in :func:`runs_from_metrics`.
 
-    Lets a sweep continued on another machine (or after its metrics folders are gone) add its
-    new rows to the committed table instead of rerunning every row.
+    Lets a sweep continued later, after its metrics folders are gone, add its new rows to the
+    committed table instead of rerunning every row (on the same model: ``_check_same_model``).
     """
     try:
         rows = json.loads(path.read_text())
         runs = {}
         for row in rows:
             config = (row["method"], row["w_bits"], row["a_bits"])
-            for run in row.get("runs", []):  # tables before this script kept FP runs had none for FP
+            for run in row.get("runs", []):  # older tables kept no runs for the FP row
                 seed = run["calib_seed"] if "calib_seed" in run else run["sample_seed"]
                 runs[(*config, seed)] = {
                     **{k: run[k] for k in RUN_KEYS},
