@@ -17,14 +17,14 @@ import json
 import resource
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from edadm.calib.calibration_set import CalibrationSet
 from edadm.diffusion.embedded import build_embedded_unet
-from edadm.quant import CalibrationData, QuantConfig, ReconConfig, run_reconstruction
+from edadm.quant import QuantConfig, ReconConfig, ReconResult, run_reconstruction
 from edadm.runtime import cpu_name, resolve_device
 
 
@@ -34,16 +34,20 @@ def unit_group(entry: dict) -> str:
     return {"ResnetBlock2D": "resnet_block", "Attention": "attention_block"}.get(entry["type"], entry["type"])
 
 
-def summarize(report: dict, seconds: float) -> dict:
+def summarize(result: ReconResult) -> dict:
+    """Seconds from ``result.timings`` (the report holds none), iterations and losses from the report."""
+    report, timings = result.report, result.timings["steps"]
     by_group: dict[str, list[tuple[float, int]]] = defaultdict(list)
-    fixed = 0.0
+    fixed = train = 0.0
     for entry in report["steps"]:
+        timing = timings[entry["step"]]
         if entry["phase"] == "calibrate":
-            fixed += entry["seconds"]
+            fixed += timing["seconds"]
             continue
-        fixed += entry["seconds"] - entry["train_seconds"]
+        fixed += timing["seconds"] - timing["train_seconds"]
+        train += timing["train_seconds"]
         if entry["iters"]:
-            by_group[unit_group(entry)].append((entry["train_seconds"], entry["iters"]))
+            by_group[unit_group(entry)].append((timing["train_seconds"], entry["iters"]))
     per_iter = {
         group: {
             "units": len(values),
@@ -53,13 +57,11 @@ def summarize(report: dict, seconds: float) -> dict:
     }
     total_iters = report["totals"]["iters"]
     return {
-        "seconds_total": round(seconds, 1),
+        "seconds_total": round(result.timings["seconds"], 1),
         "seconds_fixed": round(fixed, 1),
-        "seconds_train": round(report["totals"]["train_seconds"], 1),
+        "seconds_train": round(train, 1),
         "iters_total": total_iters,
-        "seconds_per_iter_mean": round(report["totals"]["train_seconds"] / total_iters, 5)
-        if total_iters
-        else None,
+        "seconds_per_iter_mean": round(train / total_iters, 5) if total_iters else None,
         "by_unit_type": per_iter,
         "loss_before_total": report["totals"]["loss_before"],
         "loss_after_total": report["totals"]["loss_after"],
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     samples = args.samples or (128 if args.quick else 1024)
     iters = args.iters if args.iters is not None else (10 if args.quick else ReconConfig().iters)
     generator = torch.Generator().manual_seed(0)
-    calib = CalibrationData(
+    calib = CalibrationSet(
         torch.randn(samples, 1, 16, 16, generator=generator),
         torch.randint(0, 1000, (samples,), generator=generator),
     )
@@ -95,8 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            report = run_reconstruction(
+            result = run_reconstruction(
                 unet,
                 calib,
                 quant_config,
@@ -105,8 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
                 Path(tmp) / "work",
                 device,
             )
-            seconds = time.perf_counter() - start
-        results[method] = summarize(report, seconds)
+        results[method] = summarize(result)
         if device.type == "cuda":
             results[method]["peak_cuda_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 

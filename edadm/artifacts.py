@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,10 +50,14 @@ SCHEMAS = {s.kind: s for s in (TRAJECTORIES, CALIBRATION, SAMPLES)}
 def atomic_output(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it replaces ``path`` (file or directory).
 
-    On an exception the temporary path is removed and ``path`` is left as it was.
+    On an exception the temporary path is removed and ``path`` is left as it was. A process
+    killed outright (SIGKILL, power loss) cannot clean up: its ``.NAME.tmp-*`` / ``.NAME.old-*``
+    siblings are removed here, by the next writer of ``path`` (DVC runs one writer per out).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (*path.parent.glob(f".{path.name}.tmp-*"), *path.parent.glob(f".{path.name}.old-*")):
+        _remove(stale)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
@@ -83,6 +88,20 @@ def write_json(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+@contextlib.contextmanager
+def timed(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Time the block and write ``{"seconds": ..., **details}`` to ``path`` when it succeeds.
+
+    Timings never go into an artifact another stage reads (they would change its hash on every
+    run); they go to ``metrics/timings/STAGE.json``, declared in dvc.yaml with ``cache: false``.
+    The yielded dict takes extra figures (e.g. seconds of a phase).
+    """
+    details: dict[str, Any] = {}
+    start = time.perf_counter()
+    yield details
+    write_json(path, {"seconds": round(time.perf_counter() - start, 1), **details})
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], header: Sequence[str] = ()) -> None:

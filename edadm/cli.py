@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 
-from edadm.artifacts import ArtifactError
+from edadm.config import VERBOSE_HELP, user_errors
 
 
-@click.group()
+class _Group(click.Group):
+    """Param and artifact errors of any subcommand end in one ``error: ...`` line (exit 2)."""
+
+    def invoke(self, ctx: click.Context) -> None:
+        with user_errors(ctx.params.get("verbose", False)):
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Group)
+@click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP)
 @click.version_option(package_name="edadm")
-def main() -> None:
+def main(verbose: bool) -> None:
     """edadm: post-training quantization of diffusion models with EDA-DM."""
 
 
@@ -23,7 +30,7 @@ def inspect(path: str) -> None:
 
     try:
         click.echo(describe(path))
-    except (ArtifactError, ValueError) as err:
+    except ValueError as err:  # not an artifact edadm knows
         raise click.ClickException(str(err)) from err
 
 
@@ -37,22 +44,9 @@ def inspect(path: str) -> None:
 @click.option("--out", "out_file", required=True, type=click.Path(), help="The .safetensors file to write.")
 def export(model_dir: str, quant_dir: str, out_file: str) -> None:
     """Write the quantized model as one safetensors file (packed integer weights), loadable alone."""
-    from edadm.diffusion.loading import load_scheduler
-    from edadm.quant import export_quantized, load_quant_model
+    from edadm.quant.export import describe_export_summary, export_reconstruction
 
-    try:
-        model = load_quant_model(model_dir, quant_dir)
-        # the noise schedule travels with the weights: the file alone is enough to sample
-        scheduler = json.loads(load_scheduler(model_dir).to_json_string())
-        summary = export_quantized(model, out_file, metadata={"scheduler": scheduler})
-    except ArtifactError as err:
-        raise click.ClickException(str(err)) from err
-    file_mb, fp32_mb = summary["file_bytes"] / 2**20, summary["fp32_bytes"] / 2**20
-    click.echo(
-        f"{out_file}: {file_mb:.2f} MB, FP32 {fp32_mb:.2f} MB, "
-        f"{100 * summary['file_bytes'] / summary['fp32_bytes']:.1f} % of FP32 "
-        f"({summary['quantized_layers']} layers with packed weights)"
-    )
+    click.echo(describe_export_summary(out_file, export_reconstruction(model_dir, quant_dir, out_file)))
 
 
 @main.command("step-error")
@@ -77,7 +71,6 @@ def step_error(
     """Relative noise-prediction error of quantized models against FP, step by step (GPU if any)."""
     from edadm.artifacts import write_csv
     from edadm.calib.store import open_trajectories
-    from edadm.config import ParamError
     from edadm.diffusion.loading import load_unet
     from edadm.metrics.step_error import noise_error_by_step
     from edadm.quant import load_quant_model
@@ -95,7 +88,7 @@ def step_error(
             for name, q in zip(names, quants, strict=True)
         }
         rows = noise_error_by_step(fp, models, store, every=every, n=n, device=device)
-    except (ArtifactError, ParamError, ValueError) as err:
+    except ValueError as err:
         raise click.ClickException(str(err)) from err
     click.echo("step  t     " + "  ".join(f"{name:>12s}" for name in names))
     for row in rows:

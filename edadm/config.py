@@ -7,11 +7,14 @@ dotted param name, so a user knows which ``-S key=value`` to fix.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import os
+import sys
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,17 +54,44 @@ def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ())
     return params
 
 
-def params_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Click options ``--params PATH`` and repeatable ``--set KEY=VALUE`` for a stage script.
+DEBUG_ENV = "EDADM_DEBUG"  # EDADM_DEBUG=1: user errors show their traceback too
+VERBOSE_HELP = f"show tracebacks of param and artifact errors (or {DEBUG_ENV}=1)"
 
-    The decorated function receives the loaded dict as ``params``.
+
+@contextlib.contextmanager
+def user_errors(verbose: bool = False) -> Iterator[None]:
+    """Turn a ParamError or ArtifactError into one ``error: ...`` line on stderr and exit code 2.
+
+    These errors are the user's to fix (a param, a missing artifact) and their message says how;
+    a traceback would bury it. ``verbose`` (``-v``) or ``EDADM_DEBUG=1`` shows the traceback.
+    """
+    from edadm.artifacts import ArtifactError
+
+    try:
+        yield
+    except (ParamError, ArtifactError) as err:
+        if verbose or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        sys.stderr.write(f"error: {err}\n")
+        sys.exit(2)
+
+
+def params_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Click options ``--params PATH``, repeatable ``--set KEY=VALUE`` and ``-v`` for a stage script.
+
+    The decorated function receives the loaded dict as ``params``; a ParamError or ArtifactError
+    it raises ends the script with one line on stderr and exit code 2 (``user_errors``).
     """
     import click
 
     @functools.wraps(func)
-    def wrapper(*args: Any, params_path: str, overrides: tuple[str, ...], **kwargs: Any) -> Any:
-        return func(*args, params=load_params(params_path, overrides), **kwargs)
+    def wrapper(
+        *args: Any, params_path: str, overrides: tuple[str, ...], verbose: bool, **kwargs: Any
+    ) -> Any:
+        with user_errors(verbose):
+            return func(*args, params=load_params(params_path, overrides), **kwargs)
 
+    wrapper = click.option("-v", "--verbose", is_flag=True, help=VERBOSE_HELP)(wrapper)
     wrapper = click.option(
         "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a param (repeatable)"
     )(wrapper)

@@ -1,32 +1,36 @@
 """Stage `dump`: full-precision trajectories and TDAC feature maps (METHOD.md section 1).
 
-Output: artifacts/trajectories.zarr (x [T, N, C, H, W], t [T], x0, features [T, B, C', h', w']).
+Output: artifacts/trajectories.zarr (x [T, N, C, H, W], t [T], x0, features [T, B, C', h', w']);
+the stage's time goes to metrics/timings/dump.json.
 """
 
 from __future__ import annotations
 
 import click
 
+from edadm.artifacts import timed
 from edadm.calib.selection import SelectConfig
 from edadm.config import load_section, params_options
 from edadm.diffusion.loading import load_scheduler, load_unet
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.diffusion.trajectories import DumpConfig, dump_trajectories
-from edadm.runtime import configure_logging, resolve_device
+from edadm.runtime import configure_logging, load_device
 
 
 @click.command()
 @params_options
 @click.option("--model", "model_dir", default="artifacts/model", show_default=True)
 @click.option("--out", default="artifacts/trajectories.zarr", show_default=True)
-def main(params: dict, model_dir: str, out: str) -> None:
+@click.option("--timings", default="metrics/timings/dump.json", show_default=True)
+def main(params: dict, model_dir: str, out: str, timings: str) -> None:
     configure_logging()
     config = load_section(DumpConfig, "dump", params)
     sampler_config = load_section(SamplerConfig, "sampler", params)
     feature_layer = load_section(SelectConfig, "select", params).tdac.feature_layer
-    device = resolve_device(params.get("device", "auto"))
+    device = load_device(params)
     unet = load_unet(model_dir, param="the model stage's output")
-    dump_trajectories(unet, load_scheduler(model_dir), sampler_config, config, feature_layer, out, device)
+    with timed(timings):
+        dump_trajectories(unet, load_scheduler(model_dir), sampler_config, config, feature_layer, out, device)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Stage `evaluate`: the quantized model's samples against real data and against FP.
 
-Inputs: artifacts/reference, artifacts/samples/{fp,quant}.zarr. Outputs: metrics/eval.json
+Inputs: artifacts/reference, artifacts/samples/{fp,quant}.zarr; params: device, evaluate (how
+the samples are scored) and the labels of the row. Outputs: metrics/eval.json
 (DVC metrics: fd, sfid, is, precision, recall for FP and quantized, and the paired fd_vs_fp,
 mse and psnr), plots/samples_fp_vs_quant.png (same seeds side by side).
 """
@@ -10,11 +11,11 @@ from __future__ import annotations
 import click
 
 from edadm.artifacts import write_json
-from edadm.config import params_options
+from edadm.config import load_section, params_options
 from edadm.diffusion.samples import load_samples
-from edadm.metrics import evaluate_samples
+from edadm.metrics.evaluation import EvaluateConfig, evaluate_samples
 from edadm.plots import save_grids_side_by_side
-from edadm.runtime import configure_logging, resolve_device
+from edadm.runtime import configure_logging, load_device
 
 GRID = 64
 
@@ -30,7 +31,8 @@ GRID = 64
 @click.option("--grid", default="plots/samples_fp_vs_quant.png", show_default=True)
 def main(params: dict, reference_dir: str, fp_path: str, quant_path: str, out: str, grid: str) -> None:
     configure_logging()
-    device = resolve_device(params.get("device", "auto"))
+    config = load_section(EvaluateConfig, "evaluate", params)
+    device = load_device(params)
     fp_images, fp_seeds = load_samples(fp_path, "sample_fp")
     if quant_path == "none":  # the sweep's FP rows at other seeds: the noise floor of the table
         write_json(
@@ -39,7 +41,7 @@ def main(params: dict, reference_dir: str, fp_path: str, quant_path: str, out: s
                 "w_bits": 32,
                 "a_bits": 32,
                 "method": "fp",
-                "fp": evaluate_samples(fp_images, reference_dir, device=device),
+                "fp": evaluate_samples(fp_images, reference_dir, config=config, device=device),
             },
         )
         return
@@ -49,8 +51,8 @@ def main(params: dict, reference_dir: str, fp_path: str, quant_path: str, out: s
             f"{fp_path} and {quant_path} were sampled from different seeds: rerun both sample stages"
         )
 
-    fp = evaluate_samples(fp_images, reference_dir, device=device)
-    quant = evaluate_samples(quant_images, reference_dir, fp_samples=fp_images, device=device)
+    fp = evaluate_samples(fp_images, reference_dir, config=config, device=device)
+    quant = evaluate_samples(quant_images, reference_dir, fp_images, config=config, device=device)
     quant_params = params.get("quant", {})
     write_json(
         out,

@@ -2,25 +2,25 @@
 
 embedded: train the embedded default on scikit-learn's digits; pretrained: load a local
 diffusers model directory and write it in the same format. Outputs: artifacts/model/,
-artifacts/train.json, plots/model_samples.png.
+artifacts/train.json (the loss curve), plots/model_samples.png; the stage's time goes to
+metrics/timings/model.json, outside the cached outs.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 import click
 import torch
 
-from edadm.artifacts import write_json
+from edadm.artifacts import timed, write_json
 from edadm.config import load_section, params_options
 from edadm.data import digits_split
 from edadm.diffusion.embedded import train_embedded
 from edadm.diffusion.loading import ModelConfig, load_scheduler, load_unet, model_hash, save_model
 from edadm.diffusion.sampling import SamplerConfig, sample
 from edadm.plots import save_grid
-from edadm.runtime import configure_logging, resolve_device
+from edadm.runtime import configure_logging, load_device
 
 logger = logging.getLogger("stages.model")
 
@@ -32,37 +32,37 @@ GRID_SAMPLES = 64
 @click.option("--out", default="artifacts/model", show_default=True)
 @click.option("--log", "log_path", default="artifacts/train.json", show_default=True)
 @click.option("--grid", default="plots/model_samples.png", show_default=True)
-def main(params: dict, out: str, log_path: str, grid: str) -> None:
+@click.option("--timings", default="metrics/timings/model.json", show_default=True)
+def main(params: dict, out: str, log_path: str, grid: str, timings: str) -> None:
     configure_logging()
     config = load_section(ModelConfig, "model", params)
-    device = resolve_device(params.get("device", "auto"))
+    device = load_device(params)
 
-    start = time.perf_counter()
-    if config.source == "embedded":
-        (train_images, _), _ = digits_split(config.embedded.seed, size=config.embedded.image_size)
-        unet, scheduler, log = train_embedded(train_images, config.embedded, device)
-    else:
-        unet, scheduler = load_unet(config.path), load_scheduler(config.path)
-        log = {"source": config.path, "loss": [], "steps": 0, "seconds": 0.0}
-    save_model(unet, scheduler, out)
+    with timed(timings):
+        if config.source == "embedded":
+            (train_images, _), _ = digits_split(config.embedded.seed, size=config.embedded.image_size)
+            unet, scheduler, log = train_embedded(train_images, config.embedded, device)
+        else:
+            unet, scheduler = load_unet(config.path), load_scheduler(config.path)
+            log = {"source": config.path, "loss": [], "steps": 0}
+        save_model(unet, scheduler, out)
 
-    # A grid a person can look at: does the model make digits?
-    unet = unet.to(device).eval()
-    channels, size = unet.config.in_channels, unet.config.sample_size
-    noise = torch.randn((GRID_SAMPLES, channels, size, size), generator=torch.Generator().manual_seed(0))
-    if hasattr(unet, "config") and unet.config.get("cross_attention_dim") is not None:
-        logger.info("conditional model: no unconditional sample grid")
-    else:
-        # A fixed sampler (DDIM, 100 steps), so that changing `sampler` does not retrain the model.
-        images = sample(unet, scheduler, noise, SamplerConfig()).cpu().numpy()
-        save_grid(images, grid)
-    log.update(
-        {
-            "parameters": sum(p.numel() for p in unet.parameters()),
-            "model_hash": model_hash(unet),
-            "stage_seconds": round(time.perf_counter() - start, 1),
-        }
-    )
+        # A grid a person can look at: does the model make digits?
+        unet = unet.to(device).eval()
+        channels, size = unet.config.in_channels, unet.config.sample_size
+        noise = torch.randn((GRID_SAMPLES, channels, size, size), generator=torch.Generator().manual_seed(0))
+        if hasattr(unet, "config") and unet.config.get("cross_attention_dim") is not None:
+            logger.info("conditional model: no unconditional sample grid")
+        else:
+            # A fixed sampler (DDIM, 100 steps), so that changing `sampler` does not retrain the model.
+            images = sample(unet, scheduler, noise, SamplerConfig()).cpu().numpy()
+            save_grid(images, grid)
+        log.update(
+            {
+                "parameters": sum(p.numel() for p in unet.parameters()),
+                "model_hash": model_hash(unet),
+            }
+        )
     write_json(log_path, log)
 
 

@@ -1,22 +1,23 @@
 """Stage `reconstruct`: quantize the UNet and reconstruct it block by block (METHOD.md 0, 3).
 
 Inputs: artifacts/model, artifacts/calib.zarr. Outputs: artifacts/quant/ (state.safetensors,
-manifest.json, report.json) and plots/recon.csv. A killed run resumes from the last finished
-unit: checkpoints live in artifacts/.reconstruct-checkpoint, outside DVC's outputs, which
-DVC would delete before rerunning the stage.
+manifest.json, report.json) and plots/recon.csv, which hold only what the inputs determine
+(a rerun or a resumed run writes the same bytes); the wall-clock seconds (total, and cache /
+train per step) go to metrics/timings/reconstruct.json. A killed run resumes from the last
+finished unit: checkpoints live in artifacts/.reconstruct-checkpoint, outside DVC's outputs,
+which DVC would delete before rerunning the stage.
 """
 
 from __future__ import annotations
 
 import click
-import torch
 
-from edadm.artifacts import write_csv
+from edadm.artifacts import write_csv, write_json
 from edadm.calib.store import load_calibration
 from edadm.config import load_section, params_options
 from edadm.diffusion.loading import load_unet
-from edadm.quant import CalibrationData, QuantConfig, ReconConfig, report_rows, run_reconstruction
-from edadm.runtime import configure_logging, resolve_device
+from edadm.quant import QuantConfig, ReconConfig, report_rows, run_reconstruction
+from edadm.runtime import configure_logging, load_device
 
 
 @click.command()
@@ -26,19 +27,22 @@ from edadm.runtime import configure_logging, resolve_device
 @click.option("--out", default="artifacts/quant", show_default=True)
 @click.option("--work", "work_dir", default="artifacts/.reconstruct-checkpoint", show_default=True)
 @click.option("--table", default="plots/recon.csv", show_default=True)
-def main(params: dict, model_dir: str, calib_path: str, out: str, work_dir: str, table: str) -> None:
+@click.option("--timings", default="metrics/timings/reconstruct.json", show_default=True)
+def main(
+    params: dict, model_dir: str, calib_path: str, out: str, work_dir: str, table: str, timings: str
+) -> None:
     configure_logging()
     quant_config = load_section(QuantConfig, "quant", params)
     recon_config = load_section(ReconConfig, "recon", params)
-    device = resolve_device(params.get("device", "auto"))
+    device = load_device(params)
 
     calib = load_calibration(calib_path)
-    data = CalibrationData(x=torch.from_numpy(calib.x), t=torch.from_numpy(calib.t))
     unet = load_unet(model_dir, param="the model stage's output")
-    report = run_reconstruction(unet, data, quant_config, recon_config, out, work_dir, device)
+    result = run_reconstruction(unet, calib, quant_config, recon_config, out, work_dir, device)
 
-    rows = report_rows(report)
+    rows = report_rows(result.report)
     write_csv(table, rows, header=() if rows else ["unit"])
+    write_json(timings, result.timings)
 
 
 if __name__ == "__main__":

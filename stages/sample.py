@@ -3,18 +3,19 @@
 `--which fp` samples the full-precision model; `--which quant` the quantized model rebuilt
 from artifacts/quant, fake-quantized or (`sample.mode: int`) on integer kernels. Two DVC
 stages, so a change of quantization params reruns only the quantized sampling. Outputs:
-artifacts/samples/{fp,quant}.zarr.
+artifacts/samples/{fp,quant}.zarr; the stage's time goes to metrics/timings/sample_{fp,quant}.json.
 """
 
 from __future__ import annotations
 
 import click
 
+from edadm.artifacts import timed
 from edadm.config import load_section, params_options
 from edadm.diffusion.loading import load_scheduler, load_unet, scheduler_from_config
 from edadm.diffusion.samples import SampleConfig, generate_samples
 from edadm.diffusion.sampling import SamplerConfig
-from edadm.runtime import configure_logging, resolve_device
+from edadm.runtime import configure_logging, load_device
 
 
 @click.command()
@@ -26,13 +27,20 @@ from edadm.runtime import configure_logging, resolve_device
     "--export", "export_path", default=None, help="sample this `edadm export` file instead of --model/--quant"
 )
 @click.option("--out", default=None, help="default: artifacts/samples/{fp,quant}.zarr")
+@click.option("--timings", default=None, help="default: metrics/timings/sample_{fp,quant}.json")
 def main(
-    which: str, params: dict, model_dir: str, quant_dir: str, export_path: str | None, out: str | None
+    which: str,
+    params: dict,
+    model_dir: str,
+    quant_dir: str,
+    export_path: str | None,
+    out: str | None,
+    timings: str | None,
 ) -> None:
     configure_logging()
     config = load_section(SampleConfig, "sample", params)
     sampler_config = load_section(SamplerConfig, "sampler", params)
-    device = resolve_device(params.get("device", "auto"))
+    device = load_device(params)
     scheduler = None
     if which == "fp":
         unet = load_unet(model_dir, param="the model stage's output")
@@ -54,16 +62,17 @@ def main(
             report = to_integer(unet, config.int_backend)
             attrs["integer"] = {"backend": report.backend, "fake_layers": report.fake_layers}
     out = out or f"artifacts/samples/{which}.zarr"
-    generate_samples(
-        unet,
-        scheduler or load_scheduler(model_dir),
-        sampler_config,
-        config,
-        out,
-        device,
-        attrs,
-        desc=f"sample {which}",
-    )
+    with timed(timings or f"metrics/timings/sample_{which}.json"):
+        generate_samples(
+            unet,
+            scheduler or load_scheduler(model_dir),
+            sampler_config,
+            config,
+            out,
+            device,
+            attrs,
+            desc=f"sample {which}",
+        )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
-"""Writes sweep/dvc.yaml: the paper's comparison as DVC `matrix` / `foreach` stages.
+"""Writes sweep/dvc.yaml: the paper's comparison as DVC `foreach` stages.
 
-Run `python sweep/gen_dvc.py` after editing CONFIGS, then `dvc repro sweep/dvc.yaml`. The
-sweep shares the main pipeline's model, reference and trajectory dump (it depends on their
-outputs), and a plain `dvc repro` of the default pipeline never runs it.
+sweep/ is a DVC project of its own (`dvc init --subdir`), so the main pipeline's `dvc status`,
+`dvc exp run`, `dvc metrics show` and `dvc exp show` never see its ~230 stages, and a plain
+`dvc repro` never runs them. Its stages run the main pipeline's stage scripts with overrides,
+depend on the main pipeline's model, reference and trajectory dump (`../artifacts/...`), read
+the main `params.yaml`, and keep their outputs, cache and `dvc.lock` under sweep/.
+
+Run `python sweep/gen_dvc.py` after editing the rows below or the main dvc.yaml's deps, then
+`python sweep/run.py` (or `cd sweep && dvc repro`).
 """
 
 from __future__ import annotations
@@ -93,110 +98,124 @@ def run_order() -> list[str]:
         targets += [f"evaluate@{n}" for n in by_bits[bits]]
     targets += [f"evaluate@{n}" for n in runs if runs[n]["seed"] != 0]
     targets += [f"evaluate@{n}-w4a8-s0" for n in TUNING]
-    return [f"sweep/dvc.yaml:{t}" for t in targets]
+    return targets
 
 
-def main() -> None:
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def code_deps(script: str) -> list[str]:
+    """The deps on code of the main pipeline's stage that runs ``script``, seen from sweep/.
+
+    The main dvc.yaml lists the modules each stage script imports (tests/test_stage_deps.py
+    keeps it right); the sweep runs the same scripts, so it takes the same list.
+    """
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
+        if script in stage["cmd"].split():
+            return [f"../{d}" for d in stage["deps"] if d.startswith(("stages/", "edadm/"))]
+    raise KeyError(f"no stage of dvc.yaml runs {script}")
+
+
+def _params(*sections: str) -> list[dict]:
+    return [{"../params.yaml": list(sections)}]
+
+
+def _stage(cmd: str, script: str, inputs: list[str], params: list[dict], **outs) -> dict:
+    """A stage of the sweep's DVC project (root sweep/): the command runs from the repository
+    root (DVC refuses a wdir outside the project), its outputs live under sweep/, and its
+    timings go to sweep/timings/ (not outputs: only the rows' figures are)."""
+    return {
+        "cmd": f"cd .. && python {script} {cmd}",
+        "deps": [*code_deps(script), *inputs],
+        "params": params,
+        **outs,
+    }
+
+
+def stages() -> dict:
     runs = configs()
     calibs = sorted({(c["calib"], c["seed"]) for c in runs.values()})
-    root = "artifacts"
-    stages = {
+    return {
         "select": {
             "foreach": {f"{c}-s{s}": {"calib": c, "seed": s} for c, s in calibs},
-            "do": {
-                "wdir": "..",
-                "cmd": "python stages/selection.py --set select.method=${item.calib} "
-                "--set select.seed=${item.seed} "
+            "do": _stage(
+                "--set select.method=${item.calib} --set select.seed=${item.seed} "
                 "--trajectories artifacts/trajectories.zarr --out sweep/artifacts/calib-${key}.zarr "
                 "--table sweep/plots/calib-${key}.csv",
-                "deps": ["stages/selection.py", "edadm", "artifacts/trajectories.zarr"],
-                "params": ["select"],
-                "outs": ["sweep/artifacts/calib-${key}.zarr", "sweep/plots/calib-${key}.csv"],
-            },
+                "stages/selection.py",
+                ["../artifacts/trajectories.zarr"],
+                _params("select"),
+                outs=["artifacts/calib-${key}.zarr", "plots/calib-${key}.csv"],
+            ),
         },
         "reconstruct": {
             "foreach": runs,
-            "do": {
-                "wdir": "..",
-                "cmd": "python stages/reconstruct.py ${item.extra}--set quant.w_bits=${item.w} "
-                "--set quant.a_bits=${item.a} --set recon.method=${item.recon} "
+            "do": _stage(
+                "${item.extra}--set quant.w_bits=${item.w} --set quant.a_bits=${item.a} "
+                "--set recon.method=${item.recon} "
                 "--calib sweep/artifacts/calib-${item.calib}-s${item.seed}.zarr "
                 "--out sweep/artifacts/quant-${key} --work sweep/artifacts/.checkpoint-${key} "
-                "--table sweep/plots/recon-${key}.csv",
-                "deps": [
-                    "stages/reconstruct.py",
-                    "edadm",
-                    f"{root}/model",
-                    "sweep/artifacts/calib-${item.calib}-s${item.seed}.zarr",
-                ],
-                "params": ["device", "quant", "recon"],
-                "outs": ["sweep/artifacts/quant-${key}", "sweep/plots/recon-${key}.csv"],
-            },
+                "--table sweep/plots/recon-${key}.csv --timings sweep/timings/reconstruct-${key}.json",
+                "stages/reconstruct.py",
+                ["../artifacts/model", "artifacts/calib-${item.calib}-s${item.seed}.zarr"],
+                _params("device", "quant", "recon"),
+                outs=["artifacts/quant-${key}", "plots/recon-${key}.csv"],
+            ),
         },
         "sample_fp": {
             "foreach": {f"s{s}": s for s in FP_SEEDS},
-            "do": {
-                "wdir": "..",
-                "cmd": "python stages/sample.py --which fp --set sample.seed=${item} "
-                "--set sample.n=${sweep.sample_n} "
-                "--out sweep/artifacts/samples-fp-${key}.zarr",
-                "deps": ["stages/sample.py", "edadm", f"{root}/model"],
-                "params": ["device", "sampler", "sample.n", "sample.batch_size"],
-                "outs": ["sweep/artifacts/samples-fp-${key}.zarr"],
-            },
+            "do": _stage(
+                "--which fp --set sample.seed=${item} --set sample.n=${sweep.sample_n} "
+                "--out sweep/artifacts/samples-fp-${key}.zarr --timings sweep/timings/sample-fp-${key}.json",
+                "stages/sample.py",
+                ["../artifacts/model"],
+                _params("device", "sampler", "sample.n", "sample.batch_size"),
+                outs=["artifacts/samples-fp-${key}.zarr"],
+            ),
         },
         "sample_quant": {
             "foreach": runs,
-            "do": {
-                "wdir": "..",
-                "cmd": "python stages/sample.py --which quant --quant sweep/artifacts/quant-${key} "
-                "--set sample.n=${sweep.sample_n} "
-                "--out sweep/artifacts/samples-${key}.zarr",
-                "deps": ["stages/sample.py", "edadm", f"{root}/model", "sweep/artifacts/quant-${key}"],
-                "params": ["device", "sampler", "sample"],
-                "outs": ["sweep/artifacts/samples-${key}.zarr"],
-            },
+            "do": _stage(
+                "--which quant --quant sweep/artifacts/quant-${key} --set sample.n=${sweep.sample_n} "
+                "--out sweep/artifacts/samples-${key}.zarr --timings sweep/timings/sample-${key}.json",
+                "stages/sample.py",
+                ["../artifacts/model", "artifacts/quant-${key}"],
+                _params("device", "sampler", "sample"),
+                outs=["artifacts/samples-${key}.zarr"],
+            ),
         },
         "evaluate": {
             "foreach": runs,
-            "do": {
-                "wdir": "..",
-                "cmd": "python stages/evaluate.py --set quant.w_bits=${item.w} --set quant.a_bits=${item.a} "
+            "do": _stage(
+                "--set quant.w_bits=${item.w} --set quant.a_bits=${item.a} "
                 "--set recon.method=${item.recon} --set select.method=${item.calib} "
                 "--fp sweep/artifacts/samples-fp-s0.zarr --quant sweep/artifacts/samples-${key}.zarr "
                 "--out sweep/metrics/${key}.json --grid sweep/plots/samples-${key}.png",
-                "deps": [
-                    "stages/evaluate.py",
-                    "edadm",
-                    f"{root}/reference",
-                    "sweep/artifacts/samples-fp-s0.zarr",
-                    "sweep/artifacts/samples-${key}.zarr",
-                ],
-                "params": ["device"],
-                "outs": ["sweep/plots/samples-${key}.png"],
-                "metrics": ["sweep/metrics/${key}.json"],
-            },
+                "stages/evaluate.py",
+                ["../artifacts/reference", "artifacts/samples-fp-s0.zarr", "artifacts/samples-${key}.zarr"],
+                _params("device", "evaluate"),
+                outs=["plots/samples-${key}.png"],
+                metrics=["metrics/${key}.json"],
+            ),
         },
         "evaluate_fp": {
             "foreach": [f"s{s}" for s in FP_SEEDS],
-            "do": {
-                "wdir": "..",
-                "cmd": "python stages/evaluate.py --fp sweep/artifacts/samples-fp-${item}.zarr --quant none "
+            "do": _stage(
+                "--fp sweep/artifacts/samples-fp-${item}.zarr --quant none "
                 "--out sweep/metrics/fp-${item}.json",
-                "deps": [
-                    "stages/evaluate.py",
-                    "edadm",
-                    f"{root}/reference",
-                    "sweep/artifacts/samples-fp-${item}.zarr",
-                ],
-                "params": ["device"],
-                "metrics": ["sweep/metrics/fp-${item}.json"],
-            },
+                "stages/evaluate.py",
+                ["../artifacts/reference", "artifacts/samples-fp-${item}.zarr"],
+                _params("device", "evaluate"),
+                metrics=["metrics/fp-${item}.json"],
+            ),
         },
     }
+
+
+def main() -> None:
     header = "# Generated by sweep/gen_dvc.py: edit that file, not this one.\n"
     (Path(__file__).parent / "dvc.yaml").write_text(
-        header + yaml.safe_dump({"vars": ["../params.yaml:sweep"], "stages": stages}, sort_keys=False)
+        header + yaml.safe_dump({"vars": ["../params.yaml:sweep"], "stages": stages()}, sort_keys=False)
     )
 
 

@@ -114,7 +114,7 @@ def build_rows(dirs: list[Path] | None = None, previous: list[Path] = ()) -> lis
     for (method, w, a, seed), run in sorted(runs.items()):
         groups[(method, w, a)].append({**run, "seed": seed})
     if ("fp", 32, 32) not in groups:
-        raise SystemExit(f"no FP metrics in {dirs or [METRICS]}: run `dvc repro sweep/dvc.yaml` first")
+        raise SystemExit(f"no FP metrics in {dirs or [METRICS]}: run `python sweep/run.py` first")
     rows = []
     for (method, w, a), group in groups.items():
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
 from edadm.calib.baselines import NDTCConfig, ndtc_steps
 from edadm.calib.knn import KNNConfig, knn_mean_distance, pool_features, select_within_steps
-from edadm.calib.selection import SelectConfig, TDACConfig, allocation_chart, choose_calibration
-from edadm.calib.tdac import auto_radius, density_counts, step_statistics, tdac_allocation
+from edadm.calib.selection import SelectConfig, allocation_chart, choose_calibration
+from edadm.calib.tdac import TDACConfig
 from edadm.config import ParamError, as_dict, from_dict
 
 
@@ -76,19 +74,33 @@ def test_same_seed_same_selection_other_seed_other_selection(method):
     assert not (np.array_equal(first.traj, other.traj) and np.array_equal(first.step, other.step))
 
 
-def test_tdac_reference_selection():
-    features = make_features()
-    selection = choose_calibration(config(size=32, seed=0), 12, 40, features, TIMESTEPS)
-    stats = step_statistics(features)
-    radius = auto_radius(stats.mse, 0.1)
-    counts = tdac_allocation(density_counts(stats.mse, radius), stats.diversity, 32, 1.2)
-    assert selection.method == "tdac" and selection.radius == pytest.approx(radius)
-    np.testing.assert_array_equal(selection.per_step["count"], counts)
+def hand_features() -> np.ndarray:
+    """[T=4, B=1, C=2, 1, 1]: F_0 = (1, 0), F_1 = (0, 1), F_2 = (0, 2), F_3 = (0, 4)."""
+    features = np.zeros((4, 1, 2, 1, 1))
+    for i, vector in enumerate([(1, 0), (0, 1), (0, 2), (0, 4)]):
+        features[i, 0, :, 0, 0] = vector
+    return features
+
+
+def test_tdac_reference_selection_of_a_hand_computed_example():
+    # Pairwise MSEs (mean over the 2 elements): (0,1) 1, (0,2) 2.5, (0,3) 8.5, (1,2) 0.5,
+    # (1,3) 4.5, (2,3) 2. radius auto at quantile 0.5: the median of [0.5, 1, 2, 2.5, 4.5, 8.5]
+    # is (2 + 2.5) / 2 = 2.25. Density D = [1, 2, 2, 1].
+    # Cosines: F_0 is orthogonal to the others (cos 0), F_1..F_3 are parallel (cos 1), so
+    # V = [3, 1, 1, 1]. D^ = [0, 1, 1, 0], V^ = [1, 0, 0, 0], lambda 1.2: w = [1.2, 1, 1, 0].
+    # n = 11: shares 11 * w / 3.2 = [4.125, 3.4375, 3.4375, 0] -> [4, 3, 3, 0] = 10, one short:
+    # +1 to the largest count -> [5, 3, 3, 0].
+    timesteps = np.array([750, 500, 250, 0])
+    cfg = config(size=11, seed=0, tdac={"radius_quantile": 0.5})
+    selection = choose_calibration(cfg, 4, 12, hand_features(), timesteps)
+    assert selection.method == "tdac" and selection.radius == pytest.approx(2.25)
+    np.testing.assert_array_equal(selection.per_step["density"], [1, 2, 2, 1])
+    np.testing.assert_allclose(selection.per_step["diversity"], [3, 1, 1, 1], atol=1e-12)
+    np.testing.assert_allclose(selection.per_step["weight"], [1.2, 1, 1, 0], atol=1e-12)
+    np.testing.assert_array_equal(selection.per_step["count"], [5, 3, 3, 0])
+    np.testing.assert_array_equal(selection.per_step["timestep"], timesteps)
     # One sample per trajectory, in trajectory order 0..n-1 (the official assembly's order).
-    np.testing.assert_array_equal(selection.traj, np.arange(32))
-    for key in ("density", "diversity", "weight"):
-        assert selection.per_step[key].shape == (12,) and np.all(np.isfinite(selection.per_step[key]))
-    np.testing.assert_array_equal(selection.per_step["timestep"], TIMESTEPS)
+    np.testing.assert_array_equal(selection.traj, np.arange(11))
 
 
 @pytest.mark.parametrize("method", ["tdac", "uniform", "ndtc", "random"])
@@ -253,12 +265,6 @@ def test_allocation_chart_groups_long_trajectories():
     assert lines[-1].count("#") == 40
     short = allocation_chart(np.array([999, 500, 0]), np.array([0, 5, 10]), width=10)
     assert len(short) == 4 and short[2].count("#") == 5 and short[1].count("#") == 0
-
-
-def test_selection_is_frozen():
-    selection = choose_calibration(config(method="random", size=4), 12, 40, None, TIMESTEPS)
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        selection.radius = 1.0
 
 
 def test_direct_construction_is_validated_too():

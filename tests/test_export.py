@@ -10,8 +10,7 @@ from click.testing import CliRunner
 from diffusers import UNet2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_quant import quick_recon, tiny_calib
-from tiny_models import tiny_attn_unet, tiny_cond_unet
+from tiny_models import quick_recon, tiny_attn_unet, tiny_calib, tiny_cond_unet
 
 from edadm.artifacts import ArtifactError
 from edadm.cli import main
@@ -244,7 +243,7 @@ def test_cli_export_and_inspect(tmp_path) -> None:
             str(out),
         ],
     )
-    assert result.exit_code == 1 and "manifest.json not found" in result.output
+    assert result.exit_code == 2 and "manifest.json not found" in result.output
 
 
 # ---------------------------------------------------------------------------------------------

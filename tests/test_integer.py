@@ -7,8 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from test_quant import tiny_calib
-from tiny_models import tiny_attn_unet
+from tiny_models import tiny_attn_unet, tiny_calib
 
 from edadm.diffusion.samples import SampleConfig, generate_samples, load_samples
 from edadm.diffusion.sampling import SamplerConfig

@@ -45,10 +45,20 @@ def test_frechet_distance_matches_closed_form_for_rotated_gaussians():
     assert frechet_distance(np.zeros(6), sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-7)
 
 
-def test_frechet_distance_with_fewer_samples_than_dims_is_finite():
+def test_frechet_distance_with_fewer_samples_than_dims():
+    # 10 samples in 32 dims: a singular covariance. The set against itself is ~0; a shifted copy
+    # has the same covariance, so its distance is ||shift||^2 alone, and grows with the shift.
     rng = np.random.default_rng(3)
-    a, b = feature_stats(rng.standard_normal((10, 32))), feature_stats(rng.standard_normal((10, 32)))
-    assert np.isfinite(frechet_distance(*a, *b))
+    features = rng.standard_normal((10, 32))
+    stats = feature_stats(features)
+    assert frechet_distance(*stats, *stats) == pytest.approx(0.0, abs=1e-5)
+    for size in (0.5, 1.0, 2.0):
+        shift = np.zeros(32)
+        shift[:4] = size  # ||shift||^2 = 4 size^2
+        expected = 4 * size**2
+        assert frechet_distance(*stats, *feature_stats(features + shift)) == pytest.approx(expected, abs=1e-4)
+    other = feature_stats(rng.standard_normal((10, 32)))
+    assert frechet_distance(*stats, *other) > 10.0  # another draw: the covariances differ too
 
 
 def test_feature_stats_is_float64_mean_and_unbiased_covariance():

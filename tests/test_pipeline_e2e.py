@@ -1,7 +1,9 @@
 """End to end: `dvc repro` of the real dvc.yaml in a temporary git repository, tiny profile.
 
-One run of the whole pipeline, then a second `dvc repro` that must run nothing, then param
-changes that must rerun only the stages that read them.
+One run of the whole pipeline, then a second `dvc repro` that must run nothing; a forced run
+with the same out hashes; a dump and a reconstruction killed with SIGKILL and rerun; param
+changes that must rerun only the stages that read them; and one row of the sweep, a DVC
+project of its own in sweep/ that the main pipeline's commands never show.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +43,50 @@ def _stages_run(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
 
 
+def _out_hashes(repo: Path) -> dict[str, str]:
+    """Every stage out's hash as dvc.lock records it, but the timings (which change every run)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    outs = [out for stage in lock.values() for out in stage.get("outs", [])]
+    return {out["path"]: out["md5"] for out in outs if not out["path"].startswith("metrics/timings/")}
+
+
+def _kill_when(args: list[str], cwd: Path, ready, timeout: float = 600) -> None:
+    """Start ``args`` in its own process group and SIGKILL the whole group once ``ready()``."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env["PYTHONPATH"] = str(cwd)
+    proc = subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"{' '.join(args)} finished before it could be killed"
+            assert time.monotonic() < deadline, "timed out waiting to kill"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
+def _reconstruct_steps_done(repo: Path) -> int:
+    done = 0
+    for progress in (repo / "artifacts" / ".reconstruct-checkpoint").glob("*/progress.json"):
+        try:
+            done = max(done, len(json.loads(progress.read_text())["steps"]))
+        except (json.JSONDecodeError, KeyError):  # caught mid-write (it is written atomically, but be safe)
+            pass
+    return done
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("pipeline")
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
+    # the sweep's own DVC project comes along (sweep/.dvc/config), but not a local cache of it
+    skip = shutil.ignore_patterns("__pycache__", "cache", "tmp", "artifacts", "metrics", "plots", "timings")
     for name in ("stages", "edadm", "sweep"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / name, repo / name, ignore=skip)
     shutil.copy(PROFILE, repo / "params.yaml")
     _run(["git", "init", "-q"], repo)
     _run(["git", "config", "user.email", "test@example.com"], repo)
@@ -59,6 +100,7 @@ def repo(tmp_path_factory) -> Path:
 
 def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     dvc = [sys.executable, "-m", "dvc"]
+    edadm = str(Path(sys.executable).parent / "edadm")
     first = _run([*dvc, "repro"], repo)
     stages = set(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
     assert _stages_run(first) == stages
@@ -77,21 +119,19 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
         "artifacts/samples/quant.zarr/zarr.json",
         "metrics/eval.json",
         "plots/samples_fp_vs_quant.png",
+        "metrics/timings/reconstruct.json",
     ):
         assert (repo / path).exists(), path
-    inspect = _run([str(Path(sys.executable).parent / "edadm"), "inspect", "artifacts/calib.zarr"], repo)
-    assert "allocation" in inspect
-    inspect = _run([str(Path(sys.executable).parent / "edadm"), "inspect", "artifacts/quant"], repo)
+    assert "allocation" in _run([edadm, "inspect", "artifacts/calib.zarr"], repo)
+    inspect = _run([edadm, "inspect", "artifacts/quant"], repo)
     assert "W4" in inspect and "mid_block.attentions.0" in inspect
-    inspect = _run(
-        [str(Path(sys.executable).parent / "edadm"), "inspect", "artifacts/export/model.safetensors"], repo
-    )
-    assert "% of FP32" in inspect or "%" in inspect
+    inspect = _run([edadm, "inspect", "artifacts/export/model.safetensors"], repo)
+    assert re.search(r"\d+\.\d % of FP32", inspect), inspect
     # The exported file alone (no model dir, no quant dir) reproduces the quantized samples.
     export = "artifacts/export/model.safetensors"
     _run(
         [sys.executable, "stages/sample.py", "--which", "quant", "--export", export,
-         "--model", "missing", "--out", "exported.zarr"],
+         "--model", "missing", "--out", "exported.zarr", "--timings", "exported.json"],
         repo,
     )  # fmt: skip
     from edadm.diffusion.samples import load_samples
@@ -101,12 +141,45 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     # same batches as the pipeline: a batch-size change moves float sums by ulps, which flip codes
     np.testing.assert_allclose(exported, pipeline, atol=1e-6)
     shutil.rmtree(repo / "exported.zarr")
+    (repo / "exported.json").unlink()
     metrics = json.loads((repo / "metrics" / "eval.json").read_text())
-    assert metrics["quant"]["n"] == 64 and metrics["quant"]["psnr"] > 0 and metrics["fp"]["fd"] >= 0
+    assert metrics["quant"]["n"] == 64 and metrics["fp"]["n"] == 64
+    # the tiny model after 20 training steps: its W4A8 samples follow FP's only loosely
+    assert 5 < metrics["quant"]["psnr"] < 60 and metrics["quant"]["fd_vs_fp"] > 0
 
-    # Nothing changed: nothing runs.
-    second = _run([*dvc, "repro"], repo)
-    assert _stages_run(second) == set()
+    # Nothing changed: nothing runs, and `dvc status` says so in a line (the sweep is not collected).
+    assert _stages_run(_run([*dvc, "repro"], repo)) == set()
+    status = _run([*dvc, "status"], repo).strip().splitlines()
+    assert status == ["Data and pipelines are up to date."], status
+    first_hashes = _out_hashes(repo)
+
+    # Editing a module no stage imports (inspect, the CLI) reruns nothing.
+    with (repo / "edadm" / "inspect.py").open("a") as f:
+        f.write("\n# an edit no stage depends on\n")
+    assert _stages_run(_run([*dvc, "repro"], repo)) == set()
+
+    # Same params, same out hashes: every stage again from scratch.
+    forced = _run([*dvc, "repro", "-f"], repo)
+    assert _stages_run(forced) == stages
+    assert _out_hashes(repo) == first_hashes
+
+    # A dump killed mid-write leaves no store under its path; the next run removes its temporary
+    # sibling, writes the same store, and nothing downstream reruns.
+    tmp_dumps = lambda: list((repo / "artifacts").glob(".trajectories.zarr.tmp-*"))  # noqa: E731
+    _kill_when([*dvc, "repro", "-f", "-s", "dump"], repo, lambda: bool(tmp_dumps()))
+    assert not (repo / "artifacts" / "trajectories.zarr").exists()
+    assert tmp_dumps(), "the killed dump left no temporary store: it was killed too late"
+    assert _stages_run(_run([*dvc, "repro"], repo)) == {"dump"}
+    assert not tmp_dumps()
+    assert _out_hashes(repo) == first_hashes
+
+    # A reconstruction killed after a few units resumes; its outs equal an uninterrupted run's,
+    # so export, sample_quant and evaluate stay up to date.
+    _kill_when([*dvc, "repro", "-f", "-s", "reconstruct"], repo, lambda: _reconstruct_steps_done(repo) >= 3)
+    resumed = _run([*dvc, "repro"], repo)
+    assert _stages_run(resumed) == {"reconstruct"} and "resuming from" in resumed, resumed
+    assert _out_hashes(repo) == first_hashes
+    assert _run([*dvc, "status"], repo).strip() == "Data and pipelines are up to date."
 
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "first run"], repo)
@@ -115,10 +188,12 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     changed = _run([*dvc, "exp", "run", "-S", "select.tdac.lambda=2.0"], repo)
     ran = _stages_run(changed)
     assert "select" in ran and not ran & {"model", "reference", "dump"}, ran
+    assert "sweep" not in changed, changed  # the sweep's project is not the main pipeline's
 
     # A quantization param: reconstruct, the export, the quantized samples and evaluate; nothing before.
     changed = _run([*dvc, "exp", "run", "-S", "quant.w_bits=8"], repo)
     assert _stages_run(changed) == {"reconstruct", "export", "sample_quant", "evaluate"}
+    assert "No file hash info" not in changed and "sweep" not in changed, changed
 
     # Integer sampling: only the quantized samples and evaluate; the metrics agree with fake quantization.
     fake = json.loads((repo / "metrics" / "eval.json").read_text())["quant"]
@@ -127,6 +202,25 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     integer = json.loads((repo / "metrics" / "eval.json").read_text())["quant"]
     assert integer["psnr"] == pytest.approx(fake["psnr"], abs=0.5) and integer["n"] == fake["n"]
 
+    # The main pipeline's metrics and experiments only: nothing of the sweep, no load failures.
+    metrics_out = _run([*dvc, "metrics", "show"], repo)
+    assert "eval.json" in metrics_out and "sweep" not in metrics_out and "failed" not in metrics_out
+    shown = _run([*dvc, "exp", "show", "--no-pager", "--csv"], repo)
+    header = shown.splitlines()[0].split(",")
+    assert "quant.w_bits" in header and not [c for c in header if "sweep" in c], header
+
+    # A bad param: one line naming it, no traceback, and the stage fails.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env["PYTHONPATH"] = str(repo)
+    bad = subprocess.run(
+        [*dvc, "exp", "run", "-S", "quant.w_bits=banana"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    assert bad.returncode != 0
+    errors = [line for line in (bad.stdout + bad.stderr).splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "quant.w_bits" in errors[0], bad.stdout + bad.stderr
+    assert "Traceback" not in bad.stdout + bad.stderr
+    _run(["git", "checkout", "params.yaml"], repo)
+
     # A model param: the model and everything downstream of it, but not the reference.
     changed = _run([*dvc, "exp", "run", "-S", "model.embedded.train_steps=10"], repo)
     ran = _stages_run(changed)
@@ -134,12 +228,14 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
 
 
 def test_sweep_runs_one_comparison_row_and_builds_the_results_table(repo):
-    dvc = [sys.executable, "-m", "dvc"]
-    out = _run(
-        [*dvc, "repro", "sweep/dvc.yaml:evaluate@eda-dm-w4a8-s0", "sweep/dvc.yaml:evaluate_fp@s1"], repo
-    )
+    run = [sys.executable, "sweep/run.py", "--only"]
+    out = _run([*run, "evaluate@eda-dm-w4a8-s0"], repo) + _run([*run, "evaluate_fp@s1"], repo)
     ran = _stages_run(out)
-    assert "sweep/dvc.yaml:reconstruct@eda-dm-w4a8-s0" in ran and "dump" not in ran, ran
+    assert {"reconstruct@eda-dm-w4a8-s0", "sample_fp@s0", "evaluate_fp@s1"} <= ran and "dump" not in ran, ran
+    # the documented command again: every row is cached in the sweep's own DVC project
+    assert _stages_run(_run([*run, "evaluate@eda-dm-w4a8-s0"], repo)) == set()
+    status = _run([sys.executable, "-m", "dvc", "status"], repo).strip().splitlines()
+    assert status == ["Data and pipelines are up to date."], status  # the main pipeline's view
     _run([sys.executable, "sweep/results.py"], repo)
     rows = json.loads((repo / "results" / "embedded.json").read_text())
     assert [r["method"] for r in rows] == ["fp", "eda-dm"]

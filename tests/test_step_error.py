@@ -10,12 +10,13 @@ import torch
 from click.testing import CliRunner
 
 from edadm.artifacts import TRAJECTORIES, open_store
+from edadm.calib.calibration_set import CalibrationSet
 from edadm.cli import main
 from edadm.diffusion.loading import load_unet
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.diffusion.trajectories import DumpConfig, dump_trajectories
 from edadm.metrics.step_error import noise_error_by_step
-from edadm.quant import CalibrationData, QuantConfig, ReconConfig, load_quant_model, run_reconstruction
+from edadm.quant import QuantConfig, ReconConfig, load_quant_model, run_reconstruction
 
 LAYER = "mid_block.attentions.0"
 
@@ -40,7 +41,7 @@ def setup(tmp_path, tiny_unet, tiny_scheduler):
     for bits in (8, 4):
         run_reconstruction(
             load_unet(tmp_path / "model"),
-            CalibrationData(x, t),
+            CalibrationSet(x, t),
             QuantConfig(w_bits=bits, a_bits=bits),
             recon,
             tmp_path / f"w{bits}",

@@ -21,7 +21,7 @@ def test_every_configuration_runs_once_in_order_and_dvc_yaml_is_current() -> Non
     order = gen_dvc.run_order()
     targets = [t.split("@", 1)[1] for t in order if "evaluate@" in t]
     assert sorted(targets) == sorted(runs) and len(set(order)) == len(order)
-    assert order[0] == "sweep/dvc.yaml:evaluate_fp@s0"  # every row pairs with FP seed 0
+    assert order[0] == "evaluate_fp@s0"  # every row pairs with FP seed 0
     # the paper's rows at W4A8 over three calibration seeds, the stress rows at seed 0 only
     seeded = [m for m, (calib, _) in gen_dvc.METHODS.items() if calib != "uniform"]
     assert {f"{m}-w4a8-s{s}" for m in seeded for s in gen_dvc.CALIB_SEEDS} <= set(runs)
@@ -30,9 +30,20 @@ def test_every_configuration_runs_once_in_order_and_dvc_yaml_is_current() -> Non
     for name, (base, overrides) in gen_dvc.TUNING.items():
         assert runs[f"{name}-w4a8-s0"]["calib"] == runs[f"{base}-w4a8-s0"]["calib"]
         assert all(f"--set {k}={v}" in runs[f"{name}-w4a8-s0"]["extra"] for k, v in overrides.items())
-    # the committed sweep/dvc.yaml is what gen_dvc.py writes
+    # the committed sweep/dvc.yaml is what gen_dvc.py writes (so also its code deps: the main dvc.yaml's)
     committed = yaml.safe_load((Path(gen_dvc.__file__).parent / "dvc.yaml").read_text())
-    assert sorted(committed["stages"]["reconstruct"]["foreach"]) == sorted(runs)
+    assert committed["stages"] == yaml.safe_load(yaml.safe_dump(gen_dvc.stages())), "run sweep/gen_dvc.py"
+
+
+def test_the_sweep_is_a_dvc_project_of_its_own() -> None:
+    """The main pipeline's DVC commands never collect the sweep's stages (a DVC subrepo)."""
+    sweep = Path(gen_dvc.__file__).parent
+    assert (sweep / ".dvc" / "config").exists()
+    for stage in gen_dvc.stages().values():
+        do = stage["do"]
+        assert do["cmd"].startswith("cd .. && python stages/") and "wdir" not in do
+        assert all(out.startswith(("artifacts/", "plots/", "metrics/")) for out in do.get("outs", []))
+        assert "../edadm" not in do["deps"] and any(d.startswith("../edadm/") for d in do["deps"])
 
 
 def _metrics(path: Path, fd: float, psnr: float, fp_fd: float = 1.0) -> None:

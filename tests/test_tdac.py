@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from edadm.calib.tdac import (
+    allocate_counts,
     assemble_reference,
     auto_radius,
     density_counts,
@@ -124,13 +125,21 @@ def test_allocation_rounding_short_adds_to_the_largest_count():
     )
 
 
-def test_allocation_rounds_half_to_even_like_torch_round():
-    # density [0, 1, 3, 4] -> D^ = [0, .25, .75, 1], sum 2 -> shares of n = 12: [0, 1.5, 4.5, 6].
-    # torch.round (the official code) rounds half to even: [0, 2, 4, 6] = 12, no fix needed.
-    # Rounding half up would give [0, 2, 5, 6] = 13 and then [0, 2, 5, 5].
+def test_allocation_rounds_half_to_even():
+    # density [0, 1, 3, 4] -> D^ = [0, .25, .75, 1], sum 2 -> shares of n = 12: [0, 1.5, 4.5, 6],
+    # exact in binary. Half to even (torch.round in the official code): [0, 2, 4, 6] = 12, no
+    # fix needed. Rounding half up would give [0, 2, 5, 6] = 13 and then [0, 2, 5, 5].
     counts = tdac_allocation(np.array([0, 1, 3, 4]), np.ones(4), n=12, lam=1.0)
     np.testing.assert_array_equal(counts, [0, 2, 4, 6])
-    assert torch.tensor([1.5, 4.5]).round().tolist() == [2.0, 4.0]
+
+
+def test_allocate_counts_from_weights():
+    # w = [3, 1, 0, 4], sum 8; n = 6: shares [2.25, 0.75, 0, 3] -> [2, 1, 0, 3] = 6.
+    np.testing.assert_array_equal(allocate_counts(np.array([3.0, 1, 0, 4]), 6), [2, 1, 0, 3])
+    # n = 10: shares [3.75, 1.25, 0, 5] -> [4, 1, 0, 5] = 10.
+    np.testing.assert_array_equal(allocate_counts(np.array([3.0, 1, 0, 4]), 10), [4, 1, 0, 5])
+    with pytest.raises(ValueError, match="non-negative"):
+        allocate_counts(np.array([1.0, -1.0]), 4)
 
 
 def test_allocation_mixes_density_and_diversity_with_lambda():

@@ -1,9 +1,13 @@
-"""Tiny diffusers models built in tests (never downloaded), shared by several test files."""
+"""Tiny diffusers models built in tests (never downloaded), and calibration sets and
+reconstruction configs sized for them; shared by several test files."""
 
 from __future__ import annotations
 
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
+
+from edadm.calib.calibration_set import CalibrationSet
+from edadm.quant.config import ReconConfig
 
 
 def tiny_cond_unet(seed: int = 0) -> UNet2DConditionModel:
@@ -36,3 +40,28 @@ def tiny_attn_unet(seed: int = 0) -> UNet2DModel:
         norm_num_groups=4,
         attention_head_dim=8,
     ).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration sets and reconstruction configs for the tiny models
+# ---------------------------------------------------------------------------------------------
+def tiny_calib(n: int = 16, channels: int = 1, text: bool = False, seed: int = 1) -> CalibrationSet:
+    """n random 8x8 inputs with timesteps in 0..999 (and [n, 3, 8] text features with ``text``)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, channels, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    ehs = torch.randn(n, 3, 8, generator=g) if text else None
+    return CalibrationSet(x, t, encoder_hidden_states=ehs)
+
+
+def quick_recon(**overrides) -> ReconConfig:
+    """A few iterations on small batches; round_reg off unless asked (the pinned numbers are without)."""
+    params = {
+        "iters": 4,
+        "batch_size": 8,
+        "init_batch_size": 8,
+        "cache_batch_size": 8,
+        "round_reg": False,
+        **overrides,
+    }
+    return ReconConfig(**params)

@@ -12,8 +12,8 @@ recorded, ``T * B`` candidates in all.
 
 1. Pool each candidate's feature map ``F_i[b]: [C, h, w]`` to a short vector ``p: [C * g * g]``
    (adaptive average pool to a ``g x g`` grid; ``g = 1`` is the spatial mean).
-2. Per-step counts ``n_i`` from the reference formula (``tdac_allocation``), computed by the
-   caller.
+2. Per-step counts ``n_i`` from the reference formula (``edadm.calib.tdac``, steps 1 to 5),
+   computed by the caller.
 3. Density within each step: the mean L2 distance ``r_k(b)`` from candidate b to its k
    nearest other candidates of the same step, searched with FAISS, and
    ``rho^(b) = min-max normalised 1 / r_k(b)`` (1 = the most typical candidate of the step).
@@ -66,7 +66,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from edadm.calib.tdac import min_max_normalise
 from edadm.config import ParamError, check_range
 
 logger = logging.getLogger(__name__)
@@ -194,7 +193,7 @@ def select_within_steps(
 
     Args:
         pooled: ``[T, B, d]`` pooled candidate features (``pool_features``).
-        counts: ``[T]`` samples per step (``tdac_allocation``).
+        counts: ``[T]`` samples per step (TDAC step 5, ``allocate_counts``).
         config: the knn knobs.
         progress: tqdm bar over steps.
 
@@ -225,6 +224,9 @@ def select_within_steps(
             batch,
         )
         distinct = False
+
+    # Imported here: edadm.calib.tdac imports this module (KNNConfig is one of its knobs).
+    from edadm.calib.tdac import min_max_normalise
 
     available = np.ones(batch, dtype=bool)  # trajectories not used yet (distinct mode)
     trajs, steps = [], []

@@ -1,9 +1,10 @@
 """Choosing the calibration set: the ``select`` params and one entry point for every method.
 
-``choose_calibration(config, ...)`` runs TDAC (reference or knn mode, METHOD.md section 2) or
-one of the baselines (uniform / Q-Diffusion, ndtc / PTQ4DM, random) and returns a
-``Selection``: which trajectory at which step makes each calibration sample, plus per-step
-diagnostics for the ``select`` stage's plot and for ``edadm inspect``.
+``choose_calibration(config, ...)`` dispatches on ``select.method``: TDAC (EDA-DM, METHOD.md
+section 2, in ``edadm.calib.tdac``) or one of the baselines (``edadm.calib.baselines``:
+uniform / Q-Diffusion, ndtc / PTQ4DM, random). It returns a ``Selection``: which trajectory at
+which step makes each calibration sample, plus per-step diagnostics for the ``select`` stage's
+plot and for ``edadm inspect`` (``allocation_chart``).
 """
 
 from __future__ import annotations
@@ -22,68 +23,12 @@ from edadm.calib.baselines import (
     random_selection,
     uniform_selection,
 )
-from edadm.calib.knn import KNNConfig, pool_features, select_within_steps
-from edadm.calib.tdac import (
-    DEFAULT_RADIUS_QUANTILE,
-    assemble_reference,
-    auto_radius,
-    density_counts,
-    require_trajectories,
-    step_statistics,
-    tdac_allocation,
-    tdac_weights,
-)
+from edadm.calib.tdac import TDACConfig, tdac_selection
 from edadm.config import ParamError, check_range
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("tdac", "uniform", "ndtc", "random")
-TDAC_MODES = ("reference", "knn")
-
-
-@dataclass(frozen=True)
-class TDACConfig:
-    """Knobs of ``select.tdac`` (METHOD.md section 2).
-
-    Attributes:
-        mode: ``reference`` reproduces the official code (per-step counts, random
-            trajectories); ``knn`` keeps the counts and picks the trajectory at each step by
-            k-NN density and coverage (``edadm.calib.knn``).
-        radius: density radius r on the per-element MSE of step feature maps; a number (the
-            official 3.0 for CIFAR-10 / ImageNet, 0.3 for LSUN / COCO) or ``auto``: the
-            ``radius_quantile`` quantile of the pairwise step MSEs, because an absolute
-            radius only fits the feature scale of the model it was tuned on.
-        radius_quantile: quantile for ``radius: auto``, in (0, 1]; 0.1 (see
-            ``edadm.calib.tdac.auto_radius`` for why).
-        lam: lambda, the diversity weight in ``w = D^ + lambda * V^`` (params key
-            ``lambda``): 1.2 for CIFAR-10 and ImageNet in the official scripts, 1.0 for LSUN,
-            5.0 for COCO.
-        feature_layer: the module whose input is the TDAC feature map (read by the dump stage;
-            diffusers name of the mid-block attention).
-        knn: knobs of ``mode: knn``.
-    """
-
-    mode: Literal["reference", "knn"] = "reference"
-    radius: float | str = "auto"
-    radius_quantile: float = DEFAULT_RADIUS_QUANTILE
-    lam: float = field(default=1.2, metadata={"key": "lambda"})
-    feature_layer: str = "mid_block.attentions.0"
-    knn: KNNConfig = field(default_factory=KNNConfig)
-
-    def __post_init__(self) -> None:
-        if self.mode not in TDAC_MODES:
-            raise ParamError(f"select.tdac.mode={self.mode!r} must be one of {', '.join(TDAC_MODES)}")
-        if isinstance(self.radius, str):
-            if self.radius != "auto":
-                raise ParamError(f"select.tdac.radius={self.radius!r} must be a positive number or 'auto'")
-        elif not (isinstance(self.radius, (int, float)) and math.isfinite(self.radius) and self.radius > 0):
-            raise ParamError(f"select.tdac.radius={self.radius!r} must be a positive number or 'auto'")
-        if not 0.0 < self.radius_quantile <= 1.0:
-            raise ParamError(f"select.tdac.radius_quantile={self.radius_quantile} must be in (0, 1]")
-        if self.lam < 0:
-            raise ParamError(f"select.tdac.lambda={self.lam} must be >= 0")
-        if not self.feature_layer:
-            raise ParamError("select.tdac.feature_layer must name a module")
 
 
 @dataclass(frozen=True)
@@ -150,7 +95,7 @@ def choose_calibration(
     features: Any | None,
     timesteps: np.ndarray,
 ) -> Selection:
-    """Choose the calibration set with ``config.method`` (METHOD.md section 2).
+    """Choose the calibration set with ``config.method``.
 
     Args:
         config: the ``select`` params.
@@ -176,42 +121,17 @@ def choose_calibration(
     radius = None
 
     if config.method == "tdac":
-        tdac = config.tdac
         if features is None:
             raise ParamError(
                 "select.method=tdac needs the TDAC feature maps (the input of "
-                f"select.tdac.feature_layer={tdac.feature_layer!r}) recorded by the dump stage; "
+                f"select.tdac.feature_layer={config.tdac.feature_layer!r}) recorded by the dump stage; "
                 "none were given. Dump them, or choose select.method uniform, ndtc or random"
             )
         if int(features.shape[0]) != n_steps:
             raise ValueError(f"features hold {features.shape[0]} steps, the dump has {n_steps}")
-        if tdac.mode == "reference" and config.size > n_trajectories:
-            require_trajectories(config.size, n_trajectories)  # fail before the scoring pass
-        # 1. Pairwise step MSEs and diversities (one pass over the features).
-        stats = step_statistics(features)
-        # 2. The density radius: fixed, or a quantile of the pairwise MSEs.
-        radius = auto_radius(stats.mse, tdac.radius_quantile) if tdac.radius == "auto" else float(tdac.radius)
-        density = density_counts(stats.mse, radius).astype(np.float64)
-        diversity = stats.diversity
-        weight = tdac_weights(density, diversity, tdac.lam)
-        # 3. Samples per step.
-        counts = tdac_allocation(density, diversity, config.size, tdac.lam)
-        # 4. Which trajectory at which step.
-        if tdac.mode == "reference":
-            method = "tdac"
-            traj, step = assemble_reference(counts, n_trajectories, rng)
-        else:
-            method = "tdac-knn"
-            pooled = pool_features(features, tdac.knn.pool)
-            traj, step = select_within_steps(pooled, counts, tdac.knn)
-        logger.info(
-            "TDAC (%s): radius %.6g, lambda %g, %d of %d steps used",
-            tdac.mode,
-            radius,
-            tdac.lam,
-            int((counts > 0).sum()),
-            n_steps,
-        )
+        tdac = tdac_selection(config.tdac, config.size, n_trajectories, features, rng)
+        method, traj, step = tdac.method, tdac.traj, tdac.step
+        density, diversity, weight, radius = tdac.density, tdac.diversity, tdac.weight, tdac.radius
     elif config.method == "uniform":
         method = "uniform"
         traj, step = uniform_selection(config.size, n_steps, n_trajectories, config.uniform)

@@ -5,15 +5,19 @@ Layout:
   traj [n], step [n] int64             where each came from in the trajectory dump
   per_step/{density, diversity, weight, count} [T]   the selection's per-step statistics
   timesteps [T]                        the dump's timestep of each step
+  encoder_hidden_states [n, L, D], class_labels [n]   conditioning, when the model takes it
+
+``load_calibration`` reads it into a ``CalibrationSet`` (torch tensors), which the reconstruct
+stage hands to ``run_reconstruction`` as it is.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 
 from edadm.artifacts import (
@@ -27,19 +31,10 @@ from edadm.artifacts import (
     read_array,
     write_csv,
 )
+from edadm.calib.calibration_set import CalibrationSet
 
 PER_STEP = ("density", "diversity", "weight", "count")
-
-
-@dataclass(frozen=True)
-class CalibrationArrays:
-    """A calibration set in memory: x [n, C, H, W] float32, t [n] int64, with provenance."""
-
-    x: np.ndarray
-    t: np.ndarray
-    traj: np.ndarray
-    step: np.ndarray
-    attrs: dict[str, Any]
+CONDITIONING = ("encoder_hidden_states", "class_labels")  # optional arrays, one row per sample
 
 
 def open_trajectories(path: str | Path) -> zarr.Group:
@@ -81,13 +76,19 @@ def write_calibration(
         finish_store(store)
 
 
-def load_calibration(path: str | Path) -> CalibrationArrays:
-    """Read a finished ``calib.zarr`` into memory."""
+def load_calibration(path: str | Path) -> CalibrationSet:
+    """Read a finished ``calib.zarr`` into a ``CalibrationSet`` (x float32, t / traj / step int64)."""
     store = open_store(path, CALIBRATION)
-    arrays = {name: read_array(store, name, path, CALIBRATION.stage) for name in ("x", "t", "traj", "step")}
+    names = ["x", "t", "traj", "step"] + [name for name in CONDITIONING if name in store]
+    arrays = {name: read_array(store, name, path, CALIBRATION.stage) for name in names}
     if len(arrays["x"]) == 0:
         raise ValueError(f"{path} holds an empty calibration set; raise select.size")
-    return CalibrationArrays(**arrays, attrs=dict(store.attrs))
+    arrays["x"] = arrays["x"].astype(np.float32, copy=False)
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in arrays.items()}
+    try:
+        return CalibrationSet(**tensors, attrs=dict(store.attrs))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
 
 
 def write_step_table(path: str | Path, timesteps: np.ndarray, per_step: dict[str, np.ndarray]) -> None:

@@ -93,7 +93,7 @@ def train_embedded(
     """Train the embedded UNet on ``images`` [N, 1, H, W] in [-1, 1] with the DDPM loss.
 
     Returns the EMA weights (what gets saved and sampled), the scheduler, and a training log
-    ``{"loss": [...], "loss_steps": [...], "seconds": ..., "steps": ...}``.
+    ``{"loss": [...], "loss_steps": [...], "steps": ...}`` (no timings: it is an artifact).
     """
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
@@ -139,7 +139,6 @@ def train_embedded(
     log = {
         "loss": losses,
         "loss_steps": loss_steps,
-        "seconds": round(seconds, 1),
         "steps": config.train_steps,
     }
     return ema.cpu(), scheduler, log

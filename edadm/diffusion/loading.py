@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,7 +118,7 @@ class ModelConfig:
 
     source: Literal["embedded", "pretrained"] = "embedded"
     path: str | None = None  # a diffusers pipeline or UNet directory, for source: pretrained
-    embedded: EmbeddedConfig = EmbeddedConfig()
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)  # source: embedded
 
     def __post_init__(self) -> None:
         if self.source == "pretrained" and not self.path:

@@ -5,11 +5,14 @@
 - ``scores``: ``inception_score``, ``paired_agreement`` (MSE / PSNR against FP samples).
 - ``extractors``: the ``FeatureExtractor`` interface and batched ``extract_all``.
 - ``classifier``: the digits CNN (embedded default); ``inception``: the FID Inception-v3.
-- ``reference``: ``ReferenceConfig``, ``build_reference``, ``load_extractor``, ``evaluate_samples``.
+- ``reference``: ``ReferenceConfig``, ``build_reference``, ``load_extractor``: what samples are
+  compared against (the ``reference`` stage).
+- ``evaluation``: ``EvaluateConfig``, ``evaluate_samples``: the comparison (the ``evaluate`` stage).
 - ``step_error``: ``noise_error_by_step``, where along the trajectory a quantized model drifts.
 """
 
 from edadm.metrics.classifier import ClassifierConfig, DigitsClassifier, train_classifier
+from edadm.metrics.evaluation import EvaluateConfig, evaluate_samples
 from edadm.metrics.extractors import Extracted, FeatureExtractor, extract_all
 from edadm.metrics.frechet import feature_stats, frechet_distance
 from edadm.metrics.inception import FIDInceptionV3, load_fid_inception
@@ -17,7 +20,6 @@ from edadm.metrics.precision_recall import precision_recall
 from edadm.metrics.reference import (
     ReferenceConfig,
     build_reference,
-    evaluate_samples,
     load_extractor,
     load_reference_stats,
     read_reference,
@@ -29,6 +31,7 @@ from edadm.metrics.step_error import noise_error_by_step
 __all__ = [
     "ClassifierConfig",
     "DigitsClassifier",
+    "EvaluateConfig",
     "Extracted",
     "FIDInceptionV3",
     "FeatureExtractor",

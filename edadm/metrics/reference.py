@@ -1,10 +1,10 @@
-"""The ``reference`` stage's library: what samples are compared against, and the comparison.
+"""The ``reference`` stage's library: what samples are compared against.
 
 ``build_reference`` writes a directory (atomically) holding:
 
 - ``reference.json``: schema, extractor name, feature dims, classifier accuracy, number of real
-  images, ``is_real`` (the real images' IS: the ceiling to read samples' IS against), seconds,
-  the params, and for the digits default ``fd_real_vs_train`` / ``sfid_real_vs_train``, the
+  images, ``is_real`` (the real images' IS: the ceiling to read samples' IS against), the
+  params, and for the digits default ``fd_real_vs_train`` / ``sfid_real_vs_train``, the
   FD / sFID between the real (test) and the training digits' features: about the floor a
   perfect generator reaches against this reference;
 - ``stats.npz``: ``mu``, ``sigma`` of the real images' features, ``spatial_mu``,
@@ -14,15 +14,17 @@
 - digits only: ``classifier.safetensors`` and ``classifier.json`` (its config). The Inception
   weights are not copied (~100 MB): ``reference.json`` records their path and SHA-256.
 
-``load_extractor`` rebuilds the extractor from that directory and ``evaluate_samples`` scores a
-batch of generated images against it: FD (FID with Inception), sFID, IS, precision, recall,
-and, given FP samples of the same seeds, MSE, PSNR and the FD between the two sample sets.
+The directory is a DVC out: it holds nothing that changes from run to run on one machine
+(no wall-clock seconds, dates, hosts or resolved paths), so the same params give the same
+files. Timings are logged, and returned to the caller through ``timings``.
+
+``load_extractor`` and ``load_reference_stats`` read it back; ``edadm.metrics.evaluation``
+scores samples against it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -39,8 +41,7 @@ from edadm.metrics.classifier import IMAGE_SIZE, ClassifierConfig, DigitsClassif
 from edadm.metrics.extractors import FeatureExtractor, extract_all
 from edadm.metrics.frechet import feature_stats, frechet_distance
 from edadm.metrics.inception import WEIGHTS_PARAM, WEIGHTS_URL, file_sha256, load_fid_inception
-from edadm.metrics.precision_recall import precision_recall
-from edadm.metrics.scores import inception_score, paired_agreement
+from edadm.metrics.scores import inception_score
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def build_reference(
     *,
     device: torch.device | str = "cpu",
     batch_size: int = 64,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Train (digits) or load (inception) the extractor and write the reference to ``out_dir``.
 
@@ -118,6 +120,8 @@ def build_reference(
     Frechet statistics, and the images the precision/recall features and, when the .npz has
     none, the sFID statistics).
     Returns the contents of ``reference.json``. ``out_dir`` is replaced atomically.
+    ``timings``, when given, receives the seconds of the digits classifier's training
+    (``classifier_seconds``); timings are logged and kept out of the directory, a DVC out.
     """
     started = time.perf_counter()
     info: dict[str, Any] = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "extractor": config.extractor}
@@ -125,8 +129,11 @@ def build_reference(
         tmp.mkdir()
         # 1. the extractor
         if config.extractor == "digits":
-            extractor, digits_info = _build_digits_classifier(config.classifier, tmp, device, batch_size)
+            classifier_started = time.perf_counter()
+            extractor, digits_info = _build_digits_classifier(config.classifier, tmp, device)
             info.update(digits_info)
+            if timings is not None:
+                timings["classifier_seconds"] = round(time.perf_counter() - classifier_started, 1)
             if real_images is None:
                 _, (real_images, _) = digits_split(
                     config.classifier.seed, config.classifier.test_fraction, IMAGE_SIZE
@@ -159,6 +166,7 @@ def build_reference(
             stats["real_features"] = real.features
             info["n_real"] = len(real_images)
             if real.logits is not None:
+                # 10 splits, as evaluate.is_splits by default, so samples' IS reads against it.
                 info["is_real"] = inception_score(real.logits, splits=min(10, len(real_images)))[0]
         if precomputed:
             stats.update(precomputed)
@@ -168,20 +176,19 @@ def build_reference(
         np.savez(tmp / STATS_NPZ, **stats)
 
         info["params"] = as_dict(config)
-        info["seconds"] = time.perf_counter() - started
         write_json(tmp / REFERENCE_JSON, info)
     logger.info(
         "reference (%s, %d real images) written to %s in %.1f s",
         config.extractor,
         info["n_real"],
         out_dir,
-        info["seconds"],
+        time.perf_counter() - started,
     )
     return info
 
 
 def _build_digits_classifier(
-    config: ClassifierConfig, out_dir: Path, device: torch.device | str, batch_size: int
+    config: ClassifierConfig, out_dir: Path, device: torch.device | str
 ) -> tuple[DigitsClassifier, dict[str, Any]]:
     """Train the digits classifier and save it (safetensors + its config) into ``out_dir``."""
     model, report = train_classifier(config, device)
@@ -191,7 +198,6 @@ def _build_digits_classifier(
     return model, {
         "test_accuracy": report["test_accuracy"],
         "train_accuracy": report["train_accuracy"],
-        "classifier_seconds": report["seconds"],
     }
 
 
@@ -299,56 +305,3 @@ def load_reference_stats(reference_dir: str | Path) -> dict[str, np.ndarray]:
             return {key: npz[key] for key in npz.files}
     except Exception as err:
         raise ArtifactError(f"{path} could not be read ({err}); rerun `dvc repro -f {STAGE}`") from err
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring samples
-# ---------------------------------------------------------------------------------------------
-def evaluate_samples(
-    samples: np.ndarray,
-    reference_dir: str | Path,
-    fp_samples: np.ndarray | None = None,
-    *,
-    device: torch.device | str = "cpu",
-    batch_size: int = 64,
-    k: int = 3,
-    is_splits: int = 10,
-) -> dict[str, float | int | None]:
-    """Score generated ``samples: [N, C, H, W]`` in [-1, 1] against the reference.
-
-    Returns ``{"n", "fd", "sfid", "is_mean", "is_std", "precision", "recall"}`` and, when
-    ``fp_samples`` (the full-precision model's images for the same seeds, same shape and order)
-    are given, ``"mse"``, ``"psnr"`` (per-image PSNR averaged, see ``paired_agreement``) and
-    ``"fd_vs_fp"`` (Frechet distance between the samples' and the FP samples' features). "fd"
-    is FID when the reference uses Inception. A value the reference cannot give (sFID from a
-    precomputed .npz without spatial statistics, precision/recall without real features) is None.
-    """
-    stats = load_reference_stats(reference_dir)
-    extractor = load_extractor(reference_dir, device)
-    out = extract_all(extractor, samples, batch_size, desc="sample features")
-    n = len(out.features)
-    mu, sigma = feature_stats(out.features)
-    result: dict[str, float | int | None] = {"n": n}
-    result["fd"] = frechet_distance(mu, sigma, stats["mu"], stats["sigma"])
-    result["sfid"] = None
-    if "spatial_mu" in stats:
-        result["sfid"] = frechet_distance(
-            *feature_stats(out.spatial), stats["spatial_mu"], stats["spatial_sigma"]
-        )
-    result["is_mean"] = result["is_std"] = None
-    if out.logits is not None:
-        result["is_mean"], result["is_std"] = inception_score(out.logits, splits=min(is_splits, n))
-    result["precision"] = result["recall"] = None
-    if "real_features" in stats and min(n, len(stats["real_features"])) > k:
-        result.update(precision_recall(stats["real_features"], out.features, k=k))
-    else:
-        logger.warning(
-            "precision/recall skipped: need real features and more than k=%d images on each side", k
-        )
-
-    if fp_samples is not None:
-        result.update(paired_agreement(samples, fp_samples))
-        fp = extract_all(extractor, fp_samples, batch_size, desc="FP sample features")
-        result["fd_vs_fp"] = frechet_distance(mu, sigma, *feature_stats(fp.features))
-    logger.info("evaluation: %s", json.dumps(result))
-    return result

@@ -3,16 +3,22 @@
 Modules, one concept each: ``quantizer`` (grid arithmetic, UniformAffineQuantizer),
 ``adaround`` (learned rounding), ``layers`` (QuantLayer), ``attention`` (QuantAttnProcessor),
 ``blocks`` (units in execution order), ``model`` (quantize_model, set_quant_state),
-``reconstruction`` (losses, caches, FBR / BRECQ / layer-wise), ``state`` (artifacts),
-``packing`` (integer codes into bytes), ``export`` (one self-contained file).
+``losses`` (lp, FBR's L_b + gamma * L_m), ``qdrop`` (QDrop), ``caching`` (units' cached
+inputs and float targets), ``block_reconstruction`` (Phase, learning one unit),
+``reconstruction`` (FBR / BRECQ / layer-wise over the network: plan, resume, report),
+``state`` (artifacts), ``packing`` (integer codes into bytes), ``export`` (one
+self-contained file). The calibration set they take is ``CalibrationSet`` from
+``edadm.calib.calibration_set`` (what ``edadm.calib.store.load_calibration`` returns).
 """
 
 from edadm.quant.adaround import AdaRoundQuantizer
 from edadm.quant.attention import QuantAttnProcessor
+from edadm.quant.block_reconstruction import Phase
 from edadm.quant.blocks import ModelLayout, Unit, trace_model
 from edadm.quant.config import QuantConfig, ReconConfig
 from edadm.quant.export import export_quantized, fp32_size_bytes, load_exported
 from edadm.quant.layers import QuantLayer
+from edadm.quant.losses import fbr_loss, lp_loss
 from edadm.quant.model import (
     UnsupportedLayerWarning,
     calibrate_activations,
@@ -21,6 +27,7 @@ from edadm.quant.model import (
     set_quant_state,
 )
 from edadm.quant.packing import pack_codes, unpack_codes
+from edadm.quant.qdrop import QDrop
 from edadm.quant.quantizer import (
     UniformAffineQuantizer,
     dequantize,
@@ -29,24 +36,19 @@ from edadm.quant.quantizer import (
     quantize,
     search_range,
 )
-from edadm.quant.reconstruction import (
-    CalibrationData,
-    fbr_loss,
-    lp_loss,
-    reconstruct,
-    report_rows,
-    run_reconstruction,
-)
+from edadm.quant.reconstruction import ReconResult, reconstruct, report_rows, run_reconstruction
 from edadm.quant.state import load_quant_model, load_quant_state, quant_state_dict
 
 __all__ = [
     "AdaRoundQuantizer",
-    "CalibrationData",
     "ModelLayout",
+    "Phase",
+    "QDrop",
     "QuantAttnProcessor",
     "QuantConfig",
     "QuantLayer",
     "ReconConfig",
+    "ReconResult",
     "UniformAffineQuantizer",
     "Unit",
     "UnsupportedLayerWarning",

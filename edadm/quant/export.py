@@ -29,7 +29,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from edadm.artifacts import ArtifactError, atomic_output
@@ -41,7 +40,7 @@ from edadm.quant.layers import QuantLayer
 from edadm.quant.model import quant_info, quant_layers, quantize_model
 from edadm.quant.packing import pack_codes, unpack_codes
 from edadm.quant.quantizer import UniformAffineQuantizer
-from edadm.quant.state import load_quant_state, quant_state_dict
+from edadm.quant.state import load_quant_state, quant_state_dict, save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +174,7 @@ def export_quantized(
     header.update({key: json.dumps(value) for key, value in metadata.items()})
     path = Path(path)
     with atomic_output(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
+        save_safetensors(tensors, tmp, metadata=header)
 
     summary = {
         "path": str(path),
@@ -353,3 +352,29 @@ def export_summary(path: str | Path) -> dict[str, Any]:
         "quantized_layers": quantized_layers,
         "extra": {key: value for key, value in metadata.items() if key not in RESERVED_METADATA},
     }
+
+
+def export_reconstruction(
+    model_dir: str | Path, quant_dir: str | Path, out_file: str | Path
+) -> dict[str, Any]:
+    """The `export` stage (and `edadm export`): the reconstruct stage's model as one file.
+
+    The noise schedule travels with the weights, so the file alone is enough to sample.
+    Returns ``export_quantized``'s summary (file and FP32 bytes, packed layers).
+    """
+    from edadm.diffusion.loading import load_scheduler
+    from edadm.quant.state import load_quant_model
+
+    model = load_quant_model(model_dir, quant_dir)
+    scheduler = json.loads(load_scheduler(model_dir).to_json_string())
+    return export_quantized(model, out_file, metadata={"scheduler": scheduler})
+
+
+def describe_export_summary(out_file: str | Path, summary: Mapping[str, Any]) -> str:
+    """One line: the file's size against FP32, e.g. for the CLI and the stage's log."""
+    file_mb, fp32_mb = summary["file_bytes"] / 2**20, summary["fp32_bytes"] / 2**20
+    return (
+        f"{out_file}: {file_mb:.2f} MB, FP32 {fp32_mb:.2f} MB, "
+        f"{100 * summary['file_bytes'] / summary['fp32_bytes']:.1f} % of FP32 "
+        f"({summary['quantized_layers']} layers with packed weights)"
+    )

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edadm.quant.qdrop import QDrop
+
 SEARCH_CANDIDATES = 100  # METHOD.md 0: tau = (i / 100) * max|x|, i = 1..100
 SEARCH_P = 2.4  # METHOD.md 0: L_p error with p = 2.4
 EMA_MOMENTUM = 0.9  # METHOD.md 0: running = 0.9 * running + 0.1 * new
@@ -223,8 +225,8 @@ class UniformAffineQuantizer(nn.Module):
     Activations: per tensor; ranges initialised batch by batch with ``calibrating = True``
     (search on each batch, exponential moving average of min / max, METHOD.md 0), then the
     step size ``scale`` may be learned (a Parameter; straight-through rounding, LSQ-style)
-    while the zero-point stays fixed. ``drop_prob > 0`` is QDrop: each element keeps its float
-    value with that probability (training only; masks from ``generator``).
+    while the zero-point stays fixed. ``qdrop`` (set only while a unit is reconstructed, see
+    ``edadm.quant.qdrop``) mixes the float input back into the output element-wise.
     """
 
     def __init__(
@@ -244,8 +246,7 @@ class UniformAffineQuantizer(nn.Module):
         self.calibrating = False
         self.running_min: torch.Tensor | None = None
         self.running_max: torch.Tensor | None = None
-        self.drop_prob = 0.0
-        self.generator: torch.Generator | None = None
+        self.qdrop: QDrop | None = None
         self.search_max_elements = 0  # >0: subsampled error in the calibration search
 
     def extra_repr(self) -> str:
@@ -304,8 +305,6 @@ class UniformAffineQuantizer(nn.Module):
                 "or load a reconstructed state (load_quant_model) before a quantized forward"
             )
         x_hat = fake_quantize(x, self.scale, self.zero_point, self.bits, self.channel_axis).to(x.dtype)
-        if self.drop_prob > 0:
-            # QDrop: element-wise, keep the float value with probability drop_prob
-            keep_float = torch.rand(x.shape, generator=self.generator, device=x.device) < self.drop_prob
-            x_hat = torch.where(keep_float, x, x_hat)
+        if self.qdrop is not None:
+            x_hat = self.qdrop.mix(x, x_hat)
         return x_hat

@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import struct
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from edadm.artifacts import ArtifactError, atomic_output, read_json, write_json
@@ -98,18 +99,35 @@ def load_quant_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], stri
 
 def save_quant_state(model: nn.Module, path: str | Path) -> None:
     """Write the whole quantization state of ``model`` to a safetensors file."""
-    save_file(
-        quant_state_dict(model), str(path), metadata={"schema": SCHEMA, "schema_version": str(SCHEMA_VERSION)}
-    )
+    metadata = {"schema": SCHEMA, "schema_version": str(SCHEMA_VERSION)}
+    save_safetensors(quant_state_dict(model), path, metadata)
+
+
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str]
+) -> None:
+    """``safetensors.torch.save_file``, with the same bytes for the same tensors and metadata.
+
+    The library writes its header from hash maps whose key order changes from call to call,
+    so a DVC out would change hash on every run; here every key of the header is sorted (the
+    header keeps its length: only the order of its keys changes).
+    """
+    data = save(dict(tensors), metadata=dict(metadata))
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False, sort_keys=True).encode()
+    if len(text) > size:
+        raise RuntimeError(f"safetensors header re-serialised to {len(text)} bytes, more than {size}")
+    Path(path).write_bytes(data[:8] + text.ljust(size) + data[8 + size :])
 
 
 # ---------------------------------------------------------------------------------------------
 # Hashes
 # ---------------------------------------------------------------------------------------------
 def calibration_hash(calib: Any) -> str:
-    """sha256 of the calibration set's tensors (x, t, encoder_hidden_states)."""
+    """sha256 of the calibration set's model inputs (x, t and any conditioning)."""
     digest = hashlib.sha256()
-    for name in ("x", "t", "encoder_hidden_states"):
+    for name in ("x", "t", "encoder_hidden_states", "class_labels"):
         value = getattr(calib, name)
         if value is not None:
             update_digest(digest, name, value)

@@ -1,0 +1,263 @@
+"""Reconstruction of one unit (a block, or a single layer) on its cache (METHOD.md 3).
+
+A ``Phase`` says what a unit's step learns; its named constructors are the methods' phases:
+``Phase.fbr`` (EDA-DM), ``Phase.layer`` (layer-wise), ``Phase.brecq_weights`` /
+``Phase.brecq_activations`` (the BRECQ / Q-Diffusion baseline's two passes) and
+``Phase.range_only`` (no learning). ``reconstruct_unit`` learns, ``evaluate_unit`` measures
+the losses the report holds.
+
+The quantized pass feeds the unit all of its quantized-path inputs. QDrop mixes only the
+main input, x~ = where(rand < p, x, quantized-path input); the other inputs (temb, which the
+quantized time-embedding layers produce) come from the quantized path unmixed, as in the
+official code, so the unit learns to work with the temb the quantized network will really
+give it. encoder_hidden_states is the same in both paths (the text encoder stays in float).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from edadm.quant.adaround import LinearTempDecay
+from edadm.quant.blocks import Unit
+from edadm.quant.caching import UnitCache
+from edadm.quant.config import ReconConfig
+from edadm.quant.layers import QuantLayer
+from edadm.quant.losses import fbr_loss, lp_loss
+from edadm.quant.model import act_quantizers, set_quant_state
+from edadm.quant.qdrop import QDrop
+from edadm.quant.quantizer import SCALE_EPS
+
+
+@dataclass(frozen=True, kw_only=True)
+class Phase:
+    """What a reconstruction step of one unit learns, and how. Build it with a named constructor."""
+
+    name: str  # "joint" (fbr, layer), "weights" / "activations" (brecq), "none"
+    learn_weights: bool = False  # AdaRound alpha, Adam(lr_w)
+    learn_acts: bool = False  # activation step sizes, Adam(lr_a)
+    act_quant: bool = False  # activation quantization on in the quantized path
+    layer_terms: bool = False  # FBR's L_m (blocks of two or more layers only, see for_unit)
+    qdrop_prob: float = 0.0  # QDrop on the unit's input and in its activation quantizers
+    round_reg: bool = False  # AdaRound rounding regulariser (recon.round_weight, b_range, warmup)
+
+    @classmethod
+    def fbr(cls, config: ReconConfig, *, weights: bool, activations: bool) -> Phase:
+        """EDA-DM's FBR: rounding and steps jointly, L = L_b + gamma * L_m, QDrop; the
+        regulariser when ``recon.round_reg`` (ours; off in the official code)."""
+        return cls(
+            name="joint",
+            learn_weights=weights,
+            learn_acts=activations,
+            act_quant=activations,
+            layer_terms=True,
+            qdrop_prob=config.qdrop_prob,
+            round_reg=config.round_reg and weights,
+        )
+
+    @classmethod
+    def layer(cls, config: ReconConfig, *, weights: bool, activations: bool) -> Phase:
+        """Layer-wise: as FBR on single layers, with the output loss only."""
+        return dataclasses.replace(
+            cls.fbr(config, weights=weights, activations=activations), layer_terms=False
+        )
+
+    @classmethod
+    def brecq_weights(cls) -> Phase:
+        """BRECQ's first pass: AdaRound with its regulariser, activations off, no QDrop."""
+        return cls(name="weights", learn_weights=True, round_reg=True)
+
+    @classmethod
+    def brecq_activations(cls) -> Phase:
+        """BRECQ's second pass: activation steps on the weight-quantized model, no QDrop."""
+        return cls(name="activations", learn_acts=True, act_quant=True)
+
+    @classmethod
+    def range_only(cls, *, activations: bool) -> Phase:
+        """No learning (``recon.method: none``): only the losses are measured."""
+        return cls(name="none", act_quant=activations)
+
+    def for_unit(self, unit: Unit) -> Phase:
+        """This phase on ``unit``: L_m needs a block of at least two layers (the last is left out)."""
+        if self.layer_terms and (unit.kind != "block" or len(unit.layers) < 2):
+            return dataclasses.replace(self, layer_terms=False)
+        return self
+
+
+class _OutputRecorder:
+    """Forward hooks keeping each listed layer's latest output, in the given order."""
+
+    def __init__(self, layers: Sequence[nn.Module]) -> None:
+        self.outputs: list[torch.Tensor | None] = [None] * len(layers)
+        self.handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(layers)]
+
+    def _hook(self, i: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.outputs[i] = output
+
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        outputs, self.outputs = self.outputs, [None] * len(self.outputs)
+        return outputs
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _run_unit(unit_module: nn.Module, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+    output = unit_module(*args, **kwargs)
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _float_layer_outputs(
+    unit_module: nn.Module,
+    cache: UnitCache,
+    recorder: _OutputRecorder,
+    index: torch.Tensor,
+    fp_args: list[Any],
+    fp_kwargs: dict[str, Any],
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """O_l^fp(x) for the samples ``index``: from the cache, or from a float pass of the unit."""
+    if cache.fp_layer_outputs is not None:
+        return [t[index].to(device) for t in cache.fp_layer_outputs]
+    with torch.no_grad():
+        set_quant_state(unit_module, False, False)
+        _run_unit(unit_module, fp_args, fp_kwargs)
+    return recorder.take()
+
+
+@torch.no_grad()
+def evaluate_unit(
+    unit_module: nn.Module,
+    layers: Sequence[QuantLayer],
+    cache: UnitCache,
+    act_quant: bool,
+    batch_size: int,
+    samples: int,
+    device: torch.device,
+) -> tuple[float, list[float]]:
+    """Block-output loss L_b and every layer's lp loss on the first ``samples`` cached samples.
+
+    The quantized unit runs on the pure quantized-path input (no QDrop) against float targets.
+    """
+    recorder = _OutputRecorder(layers)
+    count = min(samples, len(cache))
+    block_total, layer_totals = 0.0, [0.0] * len(layers)
+    try:
+        for start in range(0, count, batch_size):
+            index = torch.arange(start, min(start + batch_size, count))
+            fp_args, fp_kwargs = cache.fp_inputs.select(index, device)
+            layers_fp = _float_layer_outputs(unit_module, cache, recorder, index, fp_args, fp_kwargs, device)
+            set_quant_state(unit_module, True, act_quant)
+            out_q = _run_unit(unit_module, *cache.q_inputs.select(index, device))
+            layers_q = recorder.take()
+            n = len(index)
+            block_total += float(lp_loss(out_q, cache.fp_outputs[index].to(device))) * n
+            for i, (q, f) in enumerate(zip(layers_q, layers_fp, strict=True)):
+                layer_totals[i] += float(lp_loss(q, f)) * n
+    finally:
+        recorder.remove()
+    return block_total / count, [v / count for v in layer_totals]
+
+
+def reconstruct_unit(
+    unit_module: nn.Module,
+    layers: Sequence[QuantLayer],
+    cache: UnitCache,
+    phase: Phase,
+    config: ReconConfig,
+    lrs: tuple[float, float],
+    seed: int,
+    device: torch.device,
+) -> int:
+    """Learn the unit's rounding and / or activation steps on its cache; returns the iterations run.
+
+    ``lrs`` = (lr_w, lr_a); ``seed`` draws the batches and the QDrop masks. Ends with hard
+    rounding written to the layers' integer weights.
+    """
+    lr_w, lr_a = lrs
+    if config.iters == 0:
+        return 0
+    adarounds = [layer.start_adaround() for layer in layers if phase.learn_weights and layer.weight_quantizer]
+    scales = [q.scale for q in act_quantizers(unit_module)] if phase.learn_acts else []
+    if not adarounds and not scales:
+        return 0
+    iters = config.iters
+    cpu_generator = torch.Generator().manual_seed(seed)
+    qdrop = (
+        QDrop(phase.qdrop_prob, torch.Generator(device).manual_seed(seed)) if phase.qdrop_prob > 0 else None
+    )
+    # QDrop inside the activation quantizers only where they quantize
+    dropping = act_quantizers(unit_module) if qdrop is not None and phase.act_quant else []
+    for scale in scales:
+        scale.requires_grad_(True)
+
+    optimizers, schedulers = [], []
+    for params, lr in (([a.alpha for a in adarounds], lr_w), (scales, lr_a)):
+        if params:
+            optimizer = torch.optim.Adam(params, lr=lr)
+            optimizers.append(optimizer)
+            schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters, eta_min=0.0))
+    temperature = LinearTempDecay(iters, config.warmup, *config.b_range)
+    recorder = _OutputRecorder(layers) if phase.layer_terms else None
+    batch = min(config.batch_size, len(cache))
+    try:
+        with qdrop.installed(dropping) if qdrop is not None else contextlib.nullcontext():
+            for step in tqdm(range(1, iters + 1), desc="iterations", unit="it", leave=False, mininterval=2):
+                # 1. a random batch (without replacement) of cached inputs and float targets
+                index = torch.randperm(len(cache), generator=cpu_generator)[:batch]
+                fp_args, fp_kwargs = cache.fp_inputs.select(index, device)
+                q_args, q_kwargs = cache.q_inputs.select(index, device)
+                target = cache.fp_outputs[index].to(device)
+                # 2. QDrop on the main input: x~ = where(rand < p, float input, quantized-path input)
+                if qdrop is not None:
+                    _, x_fp = cache.fp_inputs.main_input(fp_args, fp_kwargs)
+                    _, x_q = cache.q_inputs.main_input(q_args, q_kwargs)
+                    q_args, q_kwargs = cache.q_inputs.with_main(q_args, q_kwargs, qdrop.mix(x_fp, x_q))
+                # 3. float layer outputs O_l^fp(x) for L_m
+                if recorder is not None:
+                    layers_fp = _float_layer_outputs(
+                        unit_module, cache, recorder, index, fp_args, fp_kwargs, device
+                    )
+                # 4. quantized pass on x~ and the loss: L_b + gamma * L_m (FBR) or L_b
+                set_quant_state(unit_module, True, phase.act_quant)
+                out_q = _run_unit(unit_module, q_args, q_kwargs)
+                if recorder is not None:
+                    loss = fbr_loss(out_q, target, recorder.take(), layers_fp, config.gamma)
+                else:
+                    loss = lp_loss(out_q, target)
+                # 5. the AdaRound regulariser, after the warm-up, temperature b annealed
+                if phase.round_reg and step >= config.warmup * iters:
+                    b = temperature(step)
+                    loss = loss + config.round_weight * sum(a.round_loss(b) for a in adarounds)
+                # 6. Adam steps, cosine-annealed learning rates
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                for optimizer in optimizers:
+                    optimizer.step()
+                for scheduler in schedulers:
+                    scheduler.step()
+                with torch.no_grad():
+                    for scale in scales:
+                        scale.clamp_(min=SCALE_EPS)
+    finally:
+        if recorder is not None:
+            recorder.remove()
+        for scale in scales:
+            scale.requires_grad_(False)
+            scale.grad = None
+        # 7. hard rounding: alpha >= 0 rounds up
+        for layer in layers:
+            layer.finish_adaround()
+    return iters
