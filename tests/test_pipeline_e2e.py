@@ -78,16 +78,25 @@ def _reconstruct_steps_done(repo: Path) -> int:
     return done
 
 
+def _untracked(folder: str, names: list[str]) -> set[str]:
+    """What a clone would not have: caches, and the outputs of a sweep run in this checkout."""
+    skip = {"__pycache__"}
+    if Path(folder) == ROOT / "sweep":
+        skip |= {"artifacts", "metrics", "plots", "timings", "dvc.lock"}
+    if Path(folder) == ROOT / "sweep" / ".dvc":
+        skip |= {"cache", "tmp"}
+    return skip & set(names)
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("pipeline")
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
-    # the sweep's own DVC project comes along (sweep/.dvc/config), but not a local cache of it
-    skip = shutil.ignore_patterns("__pycache__", "cache", "tmp", "artifacts", "metrics", "plots", "timings")
     for name in ("stages", "edadm", "sweep"):
-        shutil.copytree(ROOT / name, repo / name, ignore=skip)
+        shutil.copytree(ROOT / name, repo / name, ignore=_untracked)
     shutil.copy(PROFILE, repo / "params.yaml")
+    (repo / "sweep" / "params.yaml").write_text("sample_n: 64\n")  # the sweep's rows at the tiny size
     _run(["git", "init", "-q"], repo)
     _run(["git", "config", "user.email", "test@example.com"], repo)
     _run(["git", "config", "user.name", "test"], repo)
@@ -126,7 +135,13 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     inspect = _run([edadm, "inspect", "artifacts/quant"], repo)
     assert "W4" in inspect and "mid_block.attentions.0" in inspect
     inspect = _run([edadm, "inspect", "artifacts/export/model.safetensors"], repo)
-    assert re.search(r"\d+\.\d % of FP32", inspect), inspect
+    size = re.search(r"size: ([\d.]+) MB on disk vs ([\d.]+) MB FP32 \(([\d.]+) %\)", inspect)
+    assert size, inspect
+    file_mb, fp32_mb, percent = map(float, size.groups())
+    on_disk = (repo / "artifacts" / "export" / "model.safetensors").stat().st_size
+    assert file_mb == pytest.approx(on_disk / 2**20, abs=0.01)
+    # W4 packs two codes a byte, but the tiny model's norms, biases and scales weigh as much again
+    assert percent == pytest.approx(100 * file_mb / fp32_mb, abs=5) and 15 < percent < 75, inspect
     # The exported file alone (no model dir, no quant dir) reproduces the quantized samples.
     export = "artifacts/export/model.safetensors"
     _run(
@@ -163,21 +178,25 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     assert _stages_run(forced) == stages
     assert _out_hashes(repo) == first_hashes
 
-    # A dump killed mid-write leaves no store under its path; the next run removes its temporary
-    # sibling, writes the same store, and nothing downstream reruns.
+    # A dump killed mid-write leaves no store under its path; the stage's next run removes the
+    # temporary sibling and writes the same store, so nothing downstream reruns. (A plain
+    # `dvc repro` would restore the store from DVC's run cache instead of running the stage.)
     tmp_dumps = lambda: list((repo / "artifacts").glob(".trajectories.zarr.tmp-*"))  # noqa: E731
     _kill_when([*dvc, "repro", "-f", "-s", "dump"], repo, lambda: bool(tmp_dumps()))
     assert not (repo / "artifacts" / "trajectories.zarr").exists()
     assert tmp_dumps(), "the killed dump left no temporary store: it was killed too late"
-    assert _stages_run(_run([*dvc, "repro"], repo)) == {"dump"}
+    assert _stages_run(_run([*dvc, "repro", "-f", "-s", "dump"], repo)) == {"dump"}
     assert not tmp_dumps()
+    assert _stages_run(_run([*dvc, "repro"], repo)) == set()
     assert _out_hashes(repo) == first_hashes
 
-    # A reconstruction killed after a few units resumes; its outs equal an uninterrupted run's,
-    # so export, sample_quant and evaluate stay up to date.
+    # A reconstruction killed after a few units resumes from its checkpoints; its outs equal an
+    # uninterrupted run's, so export, sample_quant and evaluate stay up to date.
     _kill_when([*dvc, "repro", "-f", "-s", "reconstruct"], repo, lambda: _reconstruct_steps_done(repo) >= 3)
-    resumed = _run([*dvc, "repro"], repo)
+    assert not (repo / "artifacts" / "quant").exists()
+    resumed = _run([*dvc, "repro", "-f", "-s", "reconstruct"], repo)
     assert _stages_run(resumed) == {"reconstruct"} and "resuming from" in resumed, resumed
+    assert _stages_run(_run([*dvc, "repro"], repo)) == set()
     assert _out_hashes(repo) == first_hashes
     assert _run([*dvc, "status"], repo).strip() == "Data and pipelines are up to date."
 

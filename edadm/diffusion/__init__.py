@@ -1,0 +1,1 @@
+"""Diffusion models: loading, the embedded default, samplers, the trajectory dump and feature hooks."""
