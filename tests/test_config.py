@@ -31,6 +31,8 @@ SECTIONS = {
     "evaluate": EvaluateConfig,
     "device": DeviceConfig,
 }
+
+
 @pytest.mark.parametrize("profile", [ROOT / "params.yaml", ROOT / "tests" / "profiles" / "tiny.yaml"])
 def test_every_section_of_the_shipped_params_parses(profile):
     params = load_params(profile)
