@@ -11,7 +11,9 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,6 +36,9 @@ class EmbeddedConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     ema_decay: float = 0.995  # short run: a long EMA horizon would average in the untrained start
+    # cosine: decay to 10 % of lr over train_steps; constant: lr after the warm-up, so that a
+    # snapshot at step k of a longer run is the model of a k-step run (bench/training_curve.py)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
     image_size: int = 16
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     num_train_timesteps: int = 1000
@@ -80,20 +85,28 @@ def build_embedded_scheduler(config: EmbeddedConfig = EmbeddedConfig()) -> DDPMS
 
 
 def _lr_factor(step: int, config: EmbeddedConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak rate."""
+    """Linear warm-up, then constant or cosine decay to 10% of the peak rate."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
     progress = (step - config.warmup_steps) / max(1, config.train_steps - config.warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def train_embedded(
-    images: np.ndarray, config: EmbeddedConfig, device: torch.device
+    images: np.ndarray,
+    config: EmbeddedConfig,
+    device: torch.device,
+    snapshot_steps: Sequence[int] = (),
+    on_snapshot: Callable[[int, UNet2DModel], None] | None = None,
 ) -> tuple[UNet2DModel, DDPMScheduler, dict]:
     """Train the embedded UNet on ``images`` [N, 1, H, W] in [-1, 1] with the DDPM loss.
 
     Returns the EMA weights (what gets saved and sampled), the scheduler, and a training log
     ``{"loss": [...], "loss_steps": [...], "steps": ...}`` (no timings: it is an artifact).
+    ``on_snapshot(step, ema)`` is called after each of ``snapshot_steps`` (a training curve
+    from one run; with ``lr_schedule: constant`` each snapshot is a shorter run's model).
     """
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
@@ -102,7 +115,7 @@ def train_embedded(
     scheduler = build_embedded_scheduler(config)
     data = torch.from_numpy(images).float()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, config))
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
     losses, loss_steps, running = [], [], []
@@ -122,13 +135,15 @@ def train_embedded(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
-        lr_schedule.step()
+        lr_scheduler.step()
         # 3. EMA of the weights; warmed up so early steps are not frozen in
         decay = min(config.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), unet.parameters(), strict=True):
                 p_ema.lerp_(p, 1 - decay)
         running.append(loss.item())
+        if on_snapshot is not None and step + 1 in snapshot_steps:
+            on_snapshot(step + 1, ema)
         if (step + 1) % config.log_every == 0 or step + 1 == config.train_steps:
             losses.append(float(np.mean(running)))
             loss_steps.append(step + 1)

@@ -1,0 +1,162 @@
+"""The embedded default's quality and fragility against training steps (issue: a converged default).
+
+    python bench/training_curve.py [--steps 500,1000,2000,3000,5000] [--n 512] [--json PATH]
+
+Trains the embedded recipe once (``model.embedded`` of params.yaml, with ``--set`` overrides;
+``lr_schedule: constant`` so that the snapshot at step k is the model a k-step run gives),
+saves the EMA weights at every ``--steps`` value, and measures each snapshot with the
+pipeline's own stage scripts (the same code as `dvc repro` and the sweep): FP samples
+(``--n``, sample seed 0) scored against the reference's held-out digits (FD, IS, precision,
+recall), and naive W8A8 (uniform calibration + range search, the sweep's ``naive`` row) with
+its PSNR and FD against FP. Needs ``artifacts/reference`` (`dvc repro reference`).
+``--quick``: steps 20,40 and n 64 (a smoke run, not a measurement). Prints and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from edadm.config import load_params, load_section
+from edadm.data import digits_split
+from edadm.diffusion.embedded import build_embedded_scheduler, train_embedded
+from edadm.diffusion.loading import ModelConfig, save_model
+from edadm.runtime import cpu_name, load_device
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ("model.embedded.lr_schedule=constant",)
+
+
+def stage(script: str, *args: str, params: Path, overrides: list[str]) -> None:
+    """Run a stage script of the pipeline with explicit paths (as the sweep does)."""
+    sets = [a for o in overrides for a in ("--set", o)]
+    command = [sys.executable, str(ROOT / "stages" / script), "--params", str(params), *sets, *args]
+    subprocess.run(command, cwd=ROOT, check=True)
+
+
+def measure(model_dir: Path, work: Path, n: int, trajectories: int, params: Path, sets: list[str]) -> dict:
+    """FP quality and naive W8A8 agreement of one snapshot, from the stage scripts."""
+    model, traj, calib, quant = (
+        str(model_dir),
+        str(work / "traj.zarr"),
+        str(work / "calib.zarr"),
+        str(work / "q"),
+    )
+    scratch = {"--timings": str(work / "timings.json")}  # figures nobody reads here
+    common = [*sets, f"sample.n={n}"]
+    naive_w8a8 = ["quant.w_bits=8", "quant.a_bits=8", "recon.method=none", "select.method=uniform"]
+
+    def run(script: str, paths: dict[str, str], overrides: list[str]) -> None:
+        stage(
+            script,
+            *[a for item in paths.items() for a in item],
+            params=params,
+            overrides=[*common, *overrides],
+        )
+
+    run("dump.py", {"--model": model, "--out": traj, **scratch}, [f"dump.trajectories={trajectories}"])
+    table = {"--table": str(work / "table.csv")}
+    run(
+        "selection.py",
+        {"--trajectories": traj, "--out": calib, **table},
+        [*naive_w8a8, f"select.size={trajectories}"],
+    )
+    recon = {
+        "--model": model,
+        "--calib": calib,
+        "--out": quant,
+        "--work": str(work / "ckpt"),
+        **table,
+        **scratch,
+    }
+    run("reconstruct.py", recon, naive_w8a8)
+    for which in ("fp", "quant"):
+        out = str(work / f"{which}.zarr")
+        run("sample.py", {"--which": which, "--model": model, "--quant": quant, "--out": out, **scratch}, [])
+    reference = str(ROOT / "artifacts" / "reference")
+    scores = {
+        "--fp": str(work / "fp.zarr"),
+        "--quant": str(work / "quant.zarr"),
+        "--out": str(work / "eval.json"),
+    }
+    run("evaluate.py", {"--reference": reference, **scores, "--grid": str(work / "grid.png")}, naive_w8a8)
+
+    metrics = json.loads((work / "eval.json").read_text())
+    return {
+        "fp": {k: metrics["fp"][k] for k in ("fd", "is_mean", "precision", "recall", "n")},
+        "naive_w8a8": {k: metrics["quant"][k] for k in ("fd", "fd_vs_fp", "psnr", "n")},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", default="500,1000,2000,3000,5000")
+    parser.add_argument("--n", type=int, default=512, help="samples per snapshot (FD n)")
+    parser.add_argument(
+        "--trajectories", type=int, default=512, help="dumped trajectories = calibration size"
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="KEY=VALUE params override"
+    )
+    parser.add_argument("--keep", type=Path, help="keep each snapshot's model directory here")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    steps = [20, 40] if args.quick else sorted(int(s) for s in args.steps.split(","))
+    n, trajectories = (64, 64) if args.quick else (args.n, args.trajectories)
+    overrides = [*RECIPE, *args.overrides, f"model.embedded.train_steps={max(steps)}"]
+    if not (ROOT / "artifacts" / "reference").exists():
+        raise SystemExit("artifacts/reference is missing: run `dvc repro reference` first")
+
+    params_path = ROOT / "params.yaml"
+    config = load_section(ModelConfig, "model", load_params(params_path, overrides)).embedded
+    device = load_device(load_params(params_path))
+    (train_images, _), _ = digits_split(config.seed, size=config.image_size)
+    scheduler = build_embedded_scheduler(config)
+    rows: list[dict] = []
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        snapshots: dict[int, Path] = {}
+
+        def save_snapshot(step: int, ema: torch.nn.Module) -> None:
+            snapshots[step] = (args.keep or tmp) / f"model-{step}"
+            save_model(ema, scheduler, snapshots[step])
+
+        _, _, log = train_embedded(train_images, config, device, steps, save_snapshot)
+        train_seconds = time.perf_counter() - started
+        losses = dict(zip(log["loss_steps"], log["loss"], strict=True))
+        for step in steps:
+            work = tmp / f"work-{step}"
+            work.mkdir()
+            figures = measure(snapshots[step], work, n, trajectories, params_path, args.overrides)
+            nearest = min(losses, key=lambda s: abs(s - step))
+            rows.append({"steps": step, "train_loss": round(losses[nearest], 5), **figures})
+            print(json.dumps(rows[-1]), flush=True)
+    report = {
+        "recipe": {**{k: v for k, v in vars(config).items() if k != "train_steps"}},
+        "overrides": overrides,
+        "n": n,
+        "trajectories": trajectories,
+        "train_seconds": round(train_seconds, 1),
+        "seconds": round(time.perf_counter() - started, 1),
+        "cpu": cpu_name(),
+        "torch_threads": torch.get_num_threads(),
+        "rows": rows,
+    }
+    text = json.dumps(report, indent=2, default=list)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
