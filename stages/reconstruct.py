@@ -42,7 +42,7 @@ def main(
 
     rows = report_rows(result.report)
     write_csv(table, rows, header=() if rows else ["unit"])
-    write_json(timings, result.timings)
+    write_json(timings, result.timing_totals())  # a few columns in `dvc exp show`, not one per unit
 
 
 if __name__ == "__main__":

@@ -332,6 +332,11 @@ def test_fbr_lowers_block_losses_w4(tmp_path) -> None:
     assert set(result.timings["steps"]) == {e["step"] for e in report["steps"]}
     assert result.timings["seconds"] > 0 and result.timings["steps_resumed"] == 0
     assert all({"cache_seconds", "train_seconds"} <= set(result.timings["steps"][e["step"]]) for e in blocks)
+    # the stage's metrics file: five figures, not a column per unit in `dvc exp show`
+    totals = result.timing_totals()
+    assert set(totals) == {"seconds", "calibrate_seconds", "cache_seconds", "train_seconds", "steps_resumed"}
+    train = sum(t.get("train_seconds", 0.0) for t in result.timings["steps"].values())
+    assert totals["train_seconds"] == pytest.approx(train, abs=1e-3) and totals["calibrate_seconds"] > 0
 
 
 def test_save_load_bitwise_and_missing_artifacts(tmp_path) -> None:

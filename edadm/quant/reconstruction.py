@@ -86,6 +86,23 @@ class ReconResult:
     report: dict[str, Any]
     timings: dict[str, Any]
 
+    def timing_totals(self) -> dict[str, Any]:
+        """The run's seconds in a few figures (the stage's metrics file; per step is for bench/).
+
+        ``seconds`` (this run, wall clock), ``calibrate_seconds``, ``cache_seconds`` and
+        ``train_seconds`` (summed over steps, a resumed step's from the run that did it),
+        ``steps_resumed``.
+        """
+        steps = self.timings["steps"]
+        calibrate = sum(t["seconds"] for name, t in steps.items() if name.startswith("calibrate"))
+        return {
+            "seconds": self.timings["seconds"],
+            "calibrate_seconds": round(calibrate, 3),
+            "cache_seconds": round(sum(t.get("cache_seconds", 0.0) for t in steps.values()), 3),
+            "train_seconds": round(sum(t.get("train_seconds", 0.0) for t in steps.values()), 3),
+            "steps_resumed": self.timings["steps_resumed"],
+        }
+
 
 # ---------------------------------------------------------------------------------------------
 # Planning
