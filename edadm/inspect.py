@@ -175,13 +175,20 @@ def _bits(w_bits, a_bits) -> str:
     return f"W{w_bits if w_bits else 'fp'}A{a_bits if a_bits else 'fp'}"
 
 
+def _attention_bits(quant: dict) -> str:
+    """q, k, v and softmax widths (states written before qkv_bits used attn_bits for both)."""
+    qkv = quant.get("qkv_bits", quant["attn_bits"])
+    qkv = quant["a_bits"] if qkv is None else qkv
+    return f"q/k/v {qkv} bit, softmax {quant['attn_bits']} bit"
+
+
 def _describe_quant(path: Path) -> list[str]:
     manifest = json.loads((path / "manifest.json").read_text())
     quant, recon, size = manifest["quant"], manifest["recon"], manifest["size"]
     state = path / "state.safetensors"
     lines = [
         f"quantization state: {path} ({manifest['model_class']}, {_bits(quant['w_bits'], quant['a_bits'])}, "
-        f"attention {quant['attn_bits']} bit, reconstruction {recon['method']}, "
+        f"attention {_attention_bits(quant)}, reconstruction {recon['method']}, "
         f"{recon['iters']} iterations a unit)",
         f"  weights: {size['float_weight_bytes'] / 2**20:.2f} MB float -> "
         f"{size['quantized_weight_bytes'] / 2**20:.2f} MB "
@@ -210,7 +217,8 @@ def _describe_quant(path: Path) -> list[str]:
         )
         lines.append(f"  {unit['name']:<34} {unit['kind']:<6} {losses}  {layers}")
     for name, bits in manifest.get("attention", {}).items():
-        lines.append(f"  attention {name}: q, k, v, softmax at {bits} bit")
+        qkv, softmax = bits["qkv_bits"], bits["softmax_bits"]
+        lines.append(f"  attention {name}: q, k, v at {qkv} bit, softmax at {softmax} bit")
     return lines
 
 
@@ -243,7 +251,7 @@ def _describe_safetensors(path: Path) -> list[str]:
     lines = [
         f"quantized export: {path} ({summary['schema']} v{summary['schema_version']}, "
         f"{summary['model_class']})",
-        f"  bits: {_bits(quant['w_bits'], quant['a_bits'])}, attention {quant['attn_bits']} bit, "
+        f"  bits: {_bits(quant['w_bits'], quant['a_bits'])}, attention {_attention_bits(quant)}, "
         f"first / last layer {quant['first_last_bits']} bit",
         f"  layers: {summary['quantized_layers']} of {len(summary['layers'])} QuantLayers "
         "with packed integer weights",

@@ -16,21 +16,43 @@ from pathlib import Path
 
 import yaml
 
-# name -> (calibration rule, reconstruction method); METHOD.md sections 2 and 3.
+# Calibration sets: name -> the select stage's overrides (METHOD.md section 2).
+CALIBRATIONS = {
+    "uniform": {"select.method": "uniform"},  # Q-Diffusion's rule at the pipeline's size (1024)
+    "ndtc": {"select.method": "ndtc"},
+    "tdac": {"select.method": "tdac"},
+    "random": {"select.method": "random"},
+    # the official settings: TDAC with the fixed radius 3.0 (CIFAR), Q-Diffusion's 256 samples
+    # at each of its 20 steps (5120)
+    "tdac-official": {"select.method": "tdac", "select.tdac.radius": "3.0"},
+    "uniform-official": {"select.method": "uniform", "select.uniform.per_step": "256"},
+}
+# Every knob of the quantizer and of FBR at its official value (README "Differences from the
+# official code"); the sampler's quadratic spacing is left out: it changes the trajectories and
+# the FP samples every row shares, so it is measured apart on the main pipeline.
+EDA_DM_OFFICIAL = {
+    "recon.round_reg": "false",
+    "quant.split_conv1": "false",
+    "quant.act_search_elements": "0",
+}
+# name -> (calibration set, reconstruction method, reconstruct stage overrides)
 METHODS = {
-    "naive": ("uniform", "none"),
-    "ptq4dm": ("ndtc", "brecq"),
-    "q-diffusion": ("uniform", "brecq"),
-    "eda-dm": ("tdac", "fbr"),
-    "tdac-only": ("tdac", "brecq"),
-    "fbr-only": ("uniform", "fbr"),
+    "naive": ("uniform", "none", {}),
+    "ptq4dm": ("ndtc", "brecq", {}),
+    "q-diffusion": ("uniform", "brecq", {}),
+    "eda-dm": ("tdac", "fbr", {}),
+    "tdac-only": ("tdac", "brecq", {}),
+    "fbr-only": ("uniform", "fbr", {}),
+    "eda-dm-official": ("tdac-official", "fbr", EDA_DM_OFFICIAL),
+    "q-diffusion-official": ("uniform-official", "brecq", {"recon.brecq_optimizer": "qdiffusion"}),
     # beyond the paper: random calibration, the floor every calibration rule must beat (W4A8 only)
-    "random-brecq": ("random", "brecq"),
+    "random-brecq": ("random", "brecq", {}),
 }
 CALIB_ONLY_METHODS = ["random-brecq"]
 PAPER_BITS = [(8, 8), (4, 8)]
-STRESS_BITS = [(4, 6), (3, 8)]  # beyond the paper: where calibration and reconstruction matter more
-STRESS_METHODS = ["naive", "q-diffusion", "eda-dm", "tdac-only"]
+# beyond the paper: where calibration and reconstruction matter more
+STRESS_BITS = [(4, 6), (4, 4), (3, 8)]
+STRESS_METHODS = ["naive", "q-diffusion", "eda-dm", "tdac-only", "eda-dm-official"]
 CALIB_SEEDS = [0, 1, 2]  # calibration rules compared over seeds at W4A8
 FP_SEEDS = [0, 1, 2]  # the FP row's Frechet-distance noise floor
 # Tuning at W4A8 (seed 0): name -> (base method, reconstruct stage overrides), one knob changed
@@ -51,33 +73,46 @@ TUNING = {
     # activation ranges searched once on the whole calibration set instead of an EMA over batches
     "naive-initall": ("naive", {"recon.init_batch_size": "1024"}),
     "eda-dm-initall": ("eda-dm", {"recon.init_batch_size": "1024"}),
+    # the official differences one at a time (README "Differences from the official code")
+    "eda-dm-splitshortcut": ("eda-dm", {"quant.split_conv1": "false"}),
+    "eda-dm-exactsearch": ("eda-dm", {"quant.act_search_elements": "0"}),
+    # the paper's iteration count: about an hour a row on 2 CPU cores, so last in the order
+    "eda-dm-iters5000": ("eda-dm", {"recon.iters": "5000"}),
+    "eda-dm-official-iters5000": ("eda-dm-official", {"recon.iters": "5000"}),
+    "q-diffusion-iters5000": ("q-diffusion", {"recon.iters": "5000"}),
 }
+LAST = [name for name in TUNING if name.endswith("iters5000")]
+
+
+def _sets(overrides: dict[str, str]) -> str:
+    return "".join(f"--set {key}={value} " for key, value in sorted(overrides.items()))
 
 
 def configs() -> dict[str, dict]:
     out = {}
-    for name, (calib, recon) in METHODS.items():
+    for name, (calib, recon, overrides) in METHODS.items():
         if name in CALIB_ONLY_METHODS:
             bits = [(4, 8)]
         else:
             bits = PAPER_BITS + (STRESS_BITS if name in STRESS_METHODS else [])
         for w, a in bits:
             # uniform calibration draws nothing at random: its seeds would all be the same set
-            seeds = CALIB_SEEDS if (w, a) == (4, 8) and calib != "uniform" else [0]
+            seeds = CALIB_SEEDS if (w, a) == (4, 8) and not calib.startswith("uniform") else [0]
             for seed in seeds:
                 out[f"{name}-w{w}a{a}-s{seed}"] = {
                     "method": name,
                     "calib": calib,
+                    "select": CALIBRATIONS[calib]["select.method"],
                     "recon": recon,
                     "w": w,
                     "a": a,
                     "seed": seed,
-                    "extra": "",
+                    "extra": _sets(overrides),
                 }
     for name, (method, overrides) in TUNING.items():
         base = out[f"{method}-w4a8-s0"]
-        extra = "".join(f"--set {key}={value} " for key, value in overrides.items())
-        out[f"{name}-w4a8-s0"] = {**base, "method": name, "extra": extra}
+        _, _, base_overrides = METHODS[method]
+        out[f"{name}-w4a8-s0"] = {**base, "method": name, "extra": _sets({**base_overrides, **overrides})}
     return out
 
 
@@ -88,7 +123,7 @@ def run_order() -> list[str]:
     stress bit-widths, then the extra calibration seeds of the W4A8 calibration comparison.
     """
     runs = configs()
-    names = [n for n in runs if runs[n]["seed"] == 0 and not runs[n]["extra"]]
+    names = [n for n in runs if runs[n]["seed"] == 0 and runs[n]["method"] in METHODS]
     by_bits = {
         bits: [n for n in names if (runs[n]["w"], runs[n]["a"]) == bits] for bits in PAPER_BITS + STRESS_BITS
     }
@@ -97,7 +132,8 @@ def run_order() -> list[str]:
     for bits in [(8, 8)] + STRESS_BITS:
         targets += [f"evaluate@{n}" for n in by_bits[bits]]
     targets += [f"evaluate@{n}" for n in runs if runs[n]["seed"] != 0]
-    targets += [f"evaluate@{n}-w4a8-s0" for n in TUNING]
+    targets += [f"evaluate@{n}-w4a8-s0" for n in TUNING if n not in LAST]
+    targets += [f"evaluate@{n}-w4a8-s0" for n in LAST]
     return targets
 
 
@@ -137,9 +173,9 @@ def stages() -> dict:
     calibs = sorted({(c["calib"], c["seed"]) for c in runs.values()})
     return {
         "select": {
-            "foreach": {f"{c}-s{s}": {"calib": c, "seed": s} for c, s in calibs},
+            "foreach": {f"{c}-s{s}": {"sets": _sets(CALIBRATIONS[c]), "seed": s} for c, s in calibs},
             "do": _stage(
-                "--set select.method=${item.calib} --set select.seed=${item.seed} "
+                "${item.sets}--set select.seed=${item.seed} "
                 "--trajectories artifacts/trajectories.zarr --out sweep/artifacts/calib-${key}.zarr "
                 "--table sweep/plots/calib-${key}.csv",
                 "stages/selection.py",
@@ -188,7 +224,7 @@ def stages() -> dict:
             "foreach": runs,
             "do": _stage(
                 "--set quant.w_bits=${item.w} --set quant.a_bits=${item.a} "
-                "--set recon.method=${item.recon} --set select.method=${item.calib} "
+                "--set recon.method=${item.recon} --set select.method=${item.select} "
                 "--fp sweep/artifacts/samples-fp-s0.zarr --quant sweep/artifacts/samples-${key}.zarr "
                 "--out sweep/metrics/${key}.json --grid sweep/plots/samples-${key}.png",
                 "stages/evaluate.py",

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from diffusers.models.attention_processor import Attention
 from safetensors.torch import load_file
 from tiny_models import quick_recon, tiny_attn_unet, tiny_calib, tiny_cond_unet
 from torch import nn
@@ -21,6 +22,7 @@ from edadm.quant import (
     AdaRoundQuantizer,
     Phase,
     QDrop,
+    QuantAttnProcessor,
     QuantConfig,
     QuantLayer,
     ReconConfig,
@@ -32,6 +34,7 @@ from edadm.quant import (
     fake_quantize,
     fbr_loss,
     load_quant_model,
+    lp_loss,
     quantize,
     quantize_model,
     report_rows,
@@ -135,7 +138,8 @@ def test_fbr_loss_matches_direct_computation() -> None:
     layers_fp = [torch.randn_like(t) for t in layers_q]
 
     def direct(p, t):
-        return float(((p - t) ** 2).sum(dim=1).mean())
+        channels = -1 if p.ndim == 3 else 1  # [B, tokens, C]: over C, as the official NCHW dim 1
+        return float(((p - t) ** 2).sum(dim=channels).mean())
 
     expected = direct(out_q, out_fp) + 0.8 * (
         direct(layers_q[0], layers_fp[0]) + direct(layers_q[1], layers_fp[1])
@@ -144,6 +148,18 @@ def test_fbr_loss_matches_direct_computation() -> None:
     assert float(fbr_loss(out_q, out_fp, layers_q[:1], layers_fp[:1], 0.8)) == pytest.approx(
         direct(out_q, out_fp)
     )
+
+
+def test_lp_loss_sums_token_major_outputs_over_channels() -> None:
+    """A Linear's [B, tokens, C] output and the same values as NCHW give the same loss."""
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 16, 4, generator=g), torch.randn(2, 16, 4, generator=g)
+    as_maps = [t.transpose(1, 2).reshape(2, 4, 4, 4) for t in (pred, target)]
+    assert float(lp_loss(pred, target)) == pytest.approx(float(lp_loss(*as_maps)), rel=1e-6)
+    assert float(lp_loss(pred, target)) == pytest.approx(float(((pred - target) ** 2).sum(-1).mean()))
+    # Q-Diffusion's activation pass: |x|^2.4
+    expected = float((pred - target).abs().pow(2.4).sum(-1).mean())
+    assert float(lp_loss(pred, target, 2.4)) == pytest.approx(expected, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +235,48 @@ def test_layout_order_split_and_bits() -> None:
     assert model.get_submodule("conv_in").w_bits == 4
     units = describe_units(model)
     assert units[3]["kind"] == "block" and units[3]["layers"][0]["w_bits"] == 4
+
+
+def test_official_split_and_attention_bits() -> None:
+    """Official: only the shortcut conv is split; q, k, v at the activation bits, softmax at 8."""
+    ours = quantize_model(tiny_attn_unet(), QuantConfig(w_bits=4, a_bits=6))
+    official = quantize_model(tiny_attn_unet(), QuantConfig(w_bits=4, a_bits=6, split_conv1=False))
+    for name, split in quant_info(ours).layout.splits.items():
+        assert ours.get_submodule(name).split == split
+        assert official.get_submodule(name).split == (0 if name.endswith(".conv1") else split)
+    assert any(name.endswith(".conv_shortcut") for name in quant_info(ours).layout.splits)
+    processors = [m.processor for m in ours.modules() if isinstance(m, Attention)]
+    assert processors and all(isinstance(p, QuantAttnProcessor) for p in processors)
+    for processor in processors:
+        assert [q.bits for q in processor.act_quantizers()] == [6, 6, 6, 8]
+    wide_qkv = quantize_model(tiny_attn_unet(), QuantConfig(w_bits=4, a_bits=6, qkv_bits=8))
+    processor = next(m.processor for m in wide_qkv.modules() if isinstance(m, Attention))
+    assert [q.bits for q in processor.act_quantizers()] == [8, 8, 8, 8]
+    float_qkv = quantize_model(tiny_attn_unet(), QuantConfig(w_bits=4, a_bits=6, qkv_bits=32))
+    processor = next(m.processor for m in float_qkv.modules() if isinstance(m, Attention))
+    assert [q.bits for q in processor.act_quantizers()] == [8]  # the softmax output only
+    inputs = {"sample": torch.randn(2, 1, 8, 8), "timestep": torch.tensor([10, 500])}
+    calibrate_activations(float_qkv, [inputs])
+    assert torch.isfinite(float_qkv(**inputs).sample).all()
+
+
+def test_qdiffusion_brecq_optimizer_differs_from_shared() -> None:
+    """recon.brecq_optimizer: Q-Diffusion's rates / schedule / lp give other codes and steps."""
+    model = quantize_model(tiny_attn_unet(), QuantConfig(w_bits=4))
+    official = plan_steps(model, quick_recon(method="brecq", brecq_optimizer="qdiffusion"))
+    weights = [s.phase for s in official if s.name.startswith("weights:")]
+    assert all(p.lr_w == 1e-3 and not p.anneal_weights and p.lp == 2.0 for p in weights)
+    acts = [s.phase for s in official if s.name.startswith("activations:")]
+    assert all(p.lr_a == 4e-4 and p.lp == 2.4 for p in acts)
+    calib, states = tiny_calib(8), {}
+    for optimizer in ("shared", "qdiffusion"):
+        model = quantize_model(tiny_attn_unet(), QuantConfig(w_bits=4))
+        reconstruct(model, calib, quick_recon(method="brecq", brecq_optimizer=optimizer), "cpu")
+        states[optimizer] = quant_state_dict(model)
+    differ = [k for k in states["shared"] if not torch.equal(states["shared"][k], states["qdiffusion"][k])]
+    assert any(k.endswith("weight_int") for k in differ) and any(k.endswith(".scale") for k in differ)
+    with pytest.raises(ParamError, match="recon.brecq_optimizer"):
+        quick_recon(brecq_optimizer="adam")
 
 
 def test_quant_state_off_reproduces_float_exactly() -> None:

@@ -1,7 +1,8 @@
 """QuantAttnProcessor: a diffusers attention processor that quantizes q, k, v and the softmax output.
 
-METHOD.md 0: in attention, q, k, v and the softmax output are quantized (8 bit) and the QK^T
-and softmax * V products run on the fake-quantized operands. The projections (to_q, to_k,
+METHOD.md 0: in attention, q, k and v are quantized at the activation bit-width
+(``quant.qkv_bits`` overrides it), the softmax output at 8 bit (``quant.attn_bits``), and the
+QK^T and softmax * V products run on the fake-quantized operands. The projections (to_q, to_k,
 to_v, to_out.0) are QuantLayers, so their inputs are quantized there. The processor is set on
 each ``Attention`` with ``set_processor`` (no patching of diffusers internals); it keeps the
 processor it replaces and calls it whenever its quantization is off, so
@@ -36,21 +37,36 @@ def unsupported_reason(attn: Attention) -> str | None:
 
 
 class QuantAttnProcessor(nn.Module):
-    """Quantizes q, k, v (``act_quantizer_q/k/v``) and the softmax output (``act_quantizer_w``)."""
+    """Quantizes q, k, v (``act_quantizer_q/k/v``) and the softmax output (``act_quantizer_w``).
 
-    def __init__(self, original_processor: object, bits: int, symmetric: bool = True) -> None:
+    ``qkv_bits`` / ``softmax_bits`` of None leave those tensors in float.
+    """
+
+    def __init__(
+        self,
+        original_processor: object,
+        qkv_bits: int | None,
+        softmax_bits: int | None,
+        symmetric: bool = True,
+    ) -> None:
         super().__init__()
         self.original_processor = original_processor
-        self.bits = bits
-        self.act_quantizer_q = UniformAffineQuantizer(bits, symmetric)
-        self.act_quantizer_k = UniformAffineQuantizer(bits, symmetric)
-        self.act_quantizer_v = UniformAffineQuantizer(bits, symmetric)
+        self.qkv_bits, self.softmax_bits = qkv_bits, softmax_bits
+        qkv = (lambda: UniformAffineQuantizer(qkv_bits, symmetric)) if qkv_bits else (lambda: None)
+        self.act_quantizer_q, self.act_quantizer_k, self.act_quantizer_v = qkv(), qkv(), qkv()
         # the softmax output lies in [0, 1]: one-sided [0, tau] grid
-        self.act_quantizer_w = UniformAffineQuantizer(bits, symmetric, one_sided=True)
+        self.act_quantizer_w = (
+            UniformAffineQuantizer(softmax_bits, symmetric, one_sided=True) if softmax_bits else None
+        )
         self.use_act_quant = True
 
     def act_quantizers(self) -> list[UniformAffineQuantizer]:
-        return [self.act_quantizer_q, self.act_quantizer_k, self.act_quantizer_v, self.act_quantizer_w]
+        quantizers = [self.act_quantizer_q, self.act_quantizer_k, self.act_quantizer_v, self.act_quantizer_w]
+        return [q for q in quantizers if q is not None]
+
+    @staticmethod
+    def _quantize(quantizer: UniformAffineQuantizer | None, x: torch.Tensor) -> torch.Tensor:
+        return x if quantizer is None else quantizer(x)
 
     def __call__(
         self,
@@ -94,12 +110,13 @@ class QuantAttnProcessor(nn.Module):
         value = attn.to_v(encoder_hidden_states)
 
         # 2. quantized q, k, v (per tensor, so before or after the head split is the same)
-        query = attn.head_to_batch_dim(self.act_quantizer_q(query))
-        key = attn.head_to_batch_dim(self.act_quantizer_k(key))
-        value = attn.head_to_batch_dim(self.act_quantizer_v(value))
+        query = attn.head_to_batch_dim(self._quantize(self.act_quantizer_q, query))
+        key = attn.head_to_batch_dim(self._quantize(self.act_quantizer_k, key))
+        value = attn.head_to_batch_dim(self._quantize(self.act_quantizer_v, value))
 
         # 3. softmax(q k^T * scale), quantized, times v
-        attention_probs = self.act_quantizer_w(attn.get_attention_scores(query, key, attention_mask))
+        scores = attn.get_attention_scores(query, key, attention_mask)
+        attention_probs = self._quantize(self.act_quantizer_w, scores)
         hidden_states = torch.bmm(attention_probs, value)
         hidden_states = attn.batch_to_head_dim(hidden_states)
 

@@ -35,6 +35,12 @@ from edadm.quant.model import act_quantizers, set_quant_state
 from edadm.quant.qdrop import QDrop
 from edadm.quant.quantizer import SCALE_EPS
 
+# Q-Diffusion's BRECQ optimisers (recon.brecq_optimizer: qdiffusion): Adam's default rate for
+# AdaRound (no rate is passed, no schedule), --cali_lr and --cali_p for the activation pass.
+QDIFFUSION_LR_W = 1e-3
+QDIFFUSION_LR_A = 4e-4
+QDIFFUSION_ACT_LP = 2.4
+
 
 @dataclass(frozen=True, kw_only=True)
 class Phase:
@@ -47,6 +53,11 @@ class Phase:
     layer_terms: bool = False  # FBR's L_m (blocks of two or more layers only, see for_unit)
     qdrop_prob: float = 0.0  # QDrop on the unit's input and in its activation quantizers
     round_reg: bool = False  # AdaRound rounding regulariser (recon.round_weight, b_range, warmup)
+    # Optimiser settings that differ from the run's (Q-Diffusion's own BRECQ): None = recon's
+    lr_w: float | None = None
+    lr_a: float | None = None
+    anneal_weights: bool = True  # cosine-anneal the AdaRound rate to 0 (Q-Diffusion: constant)
+    lp: float = 2.0  # exponent of the lp loss
 
     @classmethod
     def fbr(cls, config: ReconConfig, *, weights: bool, activations: bool) -> Phase:
@@ -70,14 +81,20 @@ class Phase:
         )
 
     @classmethod
-    def brecq_weights(cls) -> Phase:
+    def brecq_weights(cls, config: ReconConfig) -> Phase:
         """BRECQ's first pass: AdaRound with its regulariser, activations off, no QDrop."""
-        return cls(name="weights", learn_weights=True, round_reg=True)
+        phase = cls(name="weights", learn_weights=True, round_reg=True)
+        if config.brecq_optimizer == "qdiffusion":
+            return dataclasses.replace(phase, lr_w=QDIFFUSION_LR_W, anneal_weights=False)
+        return phase
 
     @classmethod
-    def brecq_activations(cls) -> Phase:
+    def brecq_activations(cls, config: ReconConfig) -> Phase:
         """BRECQ's second pass: activation steps on the weight-quantized model, no QDrop."""
-        return cls(name="activations", learn_acts=True, act_quant=True)
+        phase = cls(name="activations", learn_acts=True, act_quant=True)
+        if config.brecq_optimizer == "qdiffusion":
+            return dataclasses.replace(phase, lr_a=QDIFFUSION_LR_A, lp=QDIFFUSION_ACT_LP)
+        return phase
 
     @classmethod
     def range_only(cls, *, activations: bool) -> Phase:
@@ -185,7 +202,8 @@ def reconstruct_unit(
     ``lrs`` = (lr_w, lr_a); ``seed`` draws the batches and the QDrop masks. Ends with hard
     rounding written to the layers' integer weights.
     """
-    lr_w, lr_a = lrs
+    lr_w = lrs[0] if phase.lr_w is None else phase.lr_w
+    lr_a = lrs[1] if phase.lr_a is None else phase.lr_a
     if config.iters == 0:
         return 0
     adarounds = [layer.start_adaround() for layer in layers if phase.learn_weights and layer.weight_quantizer]
@@ -203,11 +221,17 @@ def reconstruct_unit(
         scale.requires_grad_(True)
 
     optimizers, schedulers = [], []
-    for params, lr in (([a.alpha for a in adarounds], lr_w), (scales, lr_a)):
+    for params, lr, anneal in (
+        ([a.alpha for a in adarounds], lr_w, phase.anneal_weights),
+        (scales, lr_a, True),
+    ):
         if params:
             optimizer = torch.optim.Adam(params, lr=lr)
             optimizers.append(optimizer)
-            schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters, eta_min=0.0))
+            if anneal:
+                schedulers.append(
+                    torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=iters, eta_min=0.0)
+                )
     temperature = LinearTempDecay(iters, config.warmup, *config.b_range)
     recorder = _OutputRecorder(layers) if phase.layer_terms else None
     batch = min(config.batch_size, len(cache))
@@ -235,7 +259,7 @@ def reconstruct_unit(
                 if recorder is not None:
                     loss = fbr_loss(out_q, target, recorder.take(), layers_fp, config.gamma)
                 else:
-                    loss = lp_loss(out_q, target)
+                    loss = lp_loss(out_q, target, phase.lp)
                 # 5. the AdaRound regulariser, after the warm-up, temperature b annealed
                 if phase.round_reg and step >= config.warmup * iters:
                     b = temperature(step)

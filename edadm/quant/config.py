@@ -1,10 +1,12 @@
 """Params of quantization (``quant`` section) and of reconstruction (``recon`` section).
 
-Every default equals params.yaml's value. They reproduce the official EDA-DM code for
-CIFAR-10 at W4A8 (METHOD.md sections 0 and 3), except two: ``recon.iters`` (the paper runs
-5000 iterations per block; ours is sized so that the embedded default model reconstructs in
-under 10 minutes on 2 CPU cores, measured figure in the field comment; ``-S recon.iters=5000``
-gives the paper's scale) and ``recon.round_reg`` (on: ours, off in the official code).
+Every default equals params.yaml's value. Where a default differs from the official EDA-DM
+code (METHOD.md sections 0 and 3), params.yaml writes the official value beside it and the
+README's "Differences from the official code" gives the measured effect: ``recon.iters``
+(5000 official; ours sized for 2 CPU cores), ``recon.round_reg`` (off officially),
+``quant.split_conv1`` (off officially), ``quant.act_search_elements`` (0, every element,
+officially) and ``recon.brecq_optimizer`` (the baseline's optimisers; Q-Diffusion's own are
+``qdiffusion``).
 """
 
 from __future__ import annotations
@@ -38,10 +40,15 @@ class QuantConfig:
 
     w_bits: int = 4  # weights, per output channel; W4A8, the paper's hard setting (8: W8A8)
     a_bits: int = 8  # activations at the input of every Conv2d / Linear, per tensor
-    attn_bits: int = 8  # attention q, k, v and softmax output (only when a_bits quantizes)
+    attn_bits: int = 8  # attention softmax output, [0, tau] (only when a_bits quantizes)
+    # attention q, k, v; None: the activation bits, as the official code (METHOD.md 0)
+    qkv_bits: int | None = None
     first_last_bits: int = 8  # METHOD.md 0: first and last weight quantizers kept at 8 bit
     symmetric: bool = True  # ranges [-tau, tau] ([0, tau] for non-negative tensors)
-    split_shortcut: bool = True  # Q-Diffusion: separate quantizers for concat([h, skip]) halves
+    split_shortcut: bool = True  # Q-Diffusion: separate quantizers for the shortcut's concat halves
+    # Ours: split the up path's conv1 too (its input is GroupNorm(SiLU) of the same concat).
+    # Official (and Q-Diffusion): False, only the shortcut conv is split.
+    split_conv1: bool = True
     # Activation range search: elements per batch whose error ranks the 100 candidates (the
     # largest |x| eighth always in). 0 = all, as the reference (exact, ~30x slower on CPU).
     act_search_elements: int = 65536
@@ -49,7 +56,14 @@ class QuantConfig:
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "attn_bits", "first_last_bits"):
             check_bits(f"quant.{name}", getattr(self, name))
+        if self.qkv_bits is not None:
+            check_bits("quant.qkv_bits", self.qkv_bits)
         check_range("quant.act_search_elements", self.act_search_elements, 0)
+
+    @property
+    def attention_qkv_bits(self) -> int:
+        """The bit-width of attention's q, k and v (``qkv_bits``, else the activation bits)."""
+        return self.a_bits if self.qkv_bits is None else self.qkv_bits
 
     @property
     def quantizes_weights(self) -> bool:
@@ -81,6 +95,11 @@ class ReconConfig:
     round_reg: bool = True
     b_range: tuple[float, float] = (20.0, 2.0)  # its temperature b, annealed start -> end
     warmup: float = 0.2  # fraction of iterations before it starts (and b starts to fall)
+    # The BRECQ baseline's optimisers. shared: FBR's (lr_w / lr_a, both cosine-annealed), a
+    # comparison of losses at equal settings. qdiffusion: Q-Diffusion's own (official), AdaRound
+    # at Adam's default 1e-3 without a schedule, activation steps at 4e-4 cosine-annealed with
+    # an lp exponent of 2.4; its iteration counts (20k weights, 5k activations) stay recon.iters.
+    brecq_optimizer: Literal["shared", "qdiffusion"] = "shared"
     init_batch_size: int = 256  # batch of the activation range initialisation (EMA over batches)
     cache_batch_size: int = 64  # batch of the passes that cache a unit's inputs / outputs
     # Host memory for float-path caches: one float pass fills as many upcoming units as fit
@@ -94,6 +113,10 @@ class ReconConfig:
         if self.method not in METHODS:
             raise ParamError(f"param recon.method={self.method!r} must be one of {', '.join(METHODS)}")
         check_range("recon.iters", self.iters, 0)
+        if self.brecq_optimizer not in ("shared", "qdiffusion"):
+            raise ParamError(
+                f"param recon.brecq_optimizer={self.brecq_optimizer!r} must be shared or qdiffusion"
+            )
         check_range("recon.batch_size", self.batch_size, 1)
         check_range("recon.gamma", self.gamma, 0.0)
         for name in ("lr_w", "lr_a"):

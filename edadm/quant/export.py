@@ -45,7 +45,7 @@ from edadm.quant.state import load_quant_state, quant_state_dict, save_safetenso
 logger = logging.getLogger(__name__)
 
 EXPORT_SCHEMA = "edadm.export"
-EXPORT_SCHEMA_VERSION = 1
+EXPORT_SCHEMA_VERSION = 2  # 2: quant.qkv_bits and quant.split_conv1 in the metadata
 PACKED_SUFFIX = ".weight_packed"
 FLOAT_BYTES = 4  # the reference size is the float32 model
 PLAIN_METADATA = ("schema", "schema_version", "model_class")  # plain strings; the rest is JSON

@@ -7,9 +7,23 @@ from collections.abc import Sequence
 import torch
 
 
-def lp_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """lp(p, t) = ((p - t)^2).sum(dim=1).mean(): summed over dim 1, averaged over the rest."""
-    return (pred - target).pow(2).sum(1).mean()
+def channel_dim(x: torch.Tensor) -> int:
+    """The channel dim: 1 for NCHW maps and [B, C] vectors, -1 for token-major [B, tokens, C]."""
+    return -1 if x.ndim == 3 else 1
+
+
+def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0) -> torch.Tensor:
+    """lp(pred, t) = |pred - t|^p summed over channels, averaged over the rest (METHOD.md 3).
+
+    p = 2 everywhere but Q-Diffusion's activation pass (2.4, ``recon.brecq_optimizer``).
+
+    The official code sums over dim 1, the channels of its NCHW layers (its attention q, k, v
+    are 1x1 convolutions); diffusers' attention Linears give [B, tokens, C], where dim 1 would
+    be the tokens and weigh those terms hw / C times more.
+    """
+    diff = pred - target
+    error = diff.pow(2) if p == 2 else diff.abs().pow(p)
+    return error.sum(channel_dim(pred)).mean()
 
 
 def fbr_loss(

@@ -6,9 +6,11 @@ What gets quantized (METHOD.md 0):
 - the first and the last weight quantizers in execution order (the time-embedding linear_1
   and conv_out in diffusers UNets) use ``quant.first_last_bits`` (8);
 - the input of the last layer (conv_out) stays in float; GroupNorm / SiLU are not quantized;
-- the up path's concat([h, skip]) inputs get split quantizers (``quant.split_shortcut``);
-- attention q, k, v and softmax output at ``quant.attn_bits`` through QuantAttnProcessor
-  (only when activations are quantized: they are activations).
+- the up path's shortcut conv, whose input is the raw concat([h, skip]), gets split quantizers
+  (``quant.split_shortcut``); ``quant.split_conv1`` splits the up path's conv1 too (ours);
+- attention q, k, v at the activation bits (``quant.qkv_bits`` overrides) and the softmax
+  output at ``quant.attn_bits``, through QuantAttnProcessor (only when activations are
+  quantized: they are activations).
 Anything else that holds a weight matrix (ConvTranspose2d, Conv1d, Embedding, subclasses of
 Conv2d / Linear such as LoRA-compatible layers, PEFT LoRA wrappers) is listed, left in float,
 and reported with an ``UnsupportedLayerWarning``; so is an attention whose products the
@@ -99,6 +101,15 @@ def _bits(bits: int) -> int | None:
     return None if is_float_bits(bits) else bits
 
 
+def _split_point(layout: ModelLayout, config: QuantConfig, name: str) -> int:
+    """Input channels of the first half of ``name``'s split quantizers (0: not split)."""
+    if not config.split_shortcut:
+        return 0
+    if name.endswith(".conv1") and not config.split_conv1:
+        return 0
+    return layout.splits.get(name, 0)
+
+
 def quantize_model(
     unet: nn.Module,
     config: QuantConfig,
@@ -143,22 +154,22 @@ def quantize_model(
     for name in layout.layer_order:
         layer_w_bits = _bits(config.first_last_bits) if w_bits and name in (first, last) else w_bits
         layer_a_bits = None if name == last else a_bits
-        split = layout.splits.get(name, 0) if config.split_shortcut else 0
+        split = _split_point(layout, config, name)
         module = model.get_submodule(name)
         replace_submodule(
             model, name, QuantLayer(module, layer_w_bits, layer_a_bits, config.symmetric, split)
         )
 
     # 2. attention products
-    attn_bits = _bits(config.attn_bits)
-    if a_bits and attn_bits:
+    qkv_bits, softmax_bits = _bits(config.attention_qkv_bits), _bits(config.attn_bits)
+    if a_bits and (qkv_bits or softmax_bits):
         for name, module in list(model.named_modules()):
             if isinstance(module, Attention):
                 reason = unsupported_reason(module)
                 if reason:
                     unsupported.append(f"{name} (Attention): products left in float, {reason}")
                 else:
-                    processor = QuantAttnProcessor(module.processor, attn_bits, config.symmetric)
+                    processor = QuantAttnProcessor(module.processor, qkv_bits, softmax_bits, config.symmetric)
                     module.set_processor(processor.to(module.to_q.weight.device))
 
     for quantizer in act_quantizers(model):

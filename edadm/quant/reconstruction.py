@@ -12,7 +12,8 @@ Methods (``recon.method``):
 - ``brecq`` (BRECQ / Q-Diffusion baseline): block-output loss only, AdaRound with its rounding
   regulariser (weight 0.01, b from 20 to 2 after a 20 % warm-up), weights first with
   activations off; then the activation ranges are initialised on the weight-quantized model
-  and the activation steps learned in a second pass. No QDrop.
+  and the activation steps learned in a second pass. No QDrop. ``recon.brecq_optimizer``:
+  FBR's rates and schedules (shared) or Q-Diffusion's own (qdiffusion, official).
 - ``layer``: every layer its own unit, learned as in ``fbr`` with the output loss only
   (AdaRound + steps jointly, QDrop, the regulariser with ``round_reg``); the attention
   products' quantizers keep their initial ranges.
@@ -133,9 +134,9 @@ def plan_steps(model: nn.Module, config: ReconConfig) -> list[Step]:
     calibrate = [Step.calibrate()] if activations else []
     if config.method == "brecq":
         # weights first (activations off), then ranges on the weight-quantized model, then steps
-        steps = [Step.reconstruct(Phase.brecq_weights(), u) for u in units] if weights else []
+        steps = [Step.reconstruct(Phase.brecq_weights(config), u) for u in units] if weights else []
         if activations:
-            steps += calibrate + [Step.reconstruct(Phase.brecq_activations(), u) for u in units]
+            steps += calibrate + [Step.reconstruct(Phase.brecq_activations(config), u) for u in units]
         return steps
     if config.method == "none":
         phase = Phase.range_only(activations=activations)

@@ -36,7 +36,7 @@ from edadm.quant.quantizer import UniformAffineQuantizer
 logger = logging.getLogger(__name__)
 
 SCHEMA = "edadm.quant"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: quant.qkv_bits (q, k, v at the activation bits unless set), quant.split_conv1
 STAGE = "reconstruct"
 
 
@@ -149,7 +149,7 @@ def build_manifest(
         float_bytes += numel * size
         quant_bytes += numel * layer.w_bits / 8 if layer.w_bits else numel * size
     attention = {
-        name.removesuffix(".processor"): m.bits
+        name.removesuffix(".processor"): {"qkv_bits": m.qkv_bits, "softmax_bits": m.softmax_bits}
         for name, m in model.named_modules()
         if isinstance(m, QuantAttnProcessor)
     }
