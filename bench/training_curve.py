@@ -10,6 +10,9 @@ pipeline's own stage scripts (the same code as `dvc repro` and the sweep): FP sa
 recall), and naive W8A8 (uniform calibration + range search, the sweep's ``naive`` row) with
 its PSNR and FD against FP. Needs ``artifacts/reference`` (`dvc repro reference`).
 ``--quick``: steps 20,40 and n 64 (a smoke run, not a measurement). Prints and writes JSON.
+``--keep DIR`` keeps the snapshots (``DIR/model-STEP``) and the training log (``DIR/train_log.json``,
+what ``bench/ship_embedded.py --train-log`` takes); ``--measure DIR`` measures the snapshots
+a stopped run kept there, without training.
 """
 
 from __future__ import annotations
@@ -106,10 +109,13 @@ def main() -> None:
         "--set", dest="overrides", action="append", default=[], help="KEY=VALUE params override"
     )
     parser.add_argument("--keep", type=Path, help="keep each snapshot's model directory here")
+    parser.add_argument("--measure", type=Path, help="measure the snapshots kept in this directory")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     steps = [20, 40] if args.quick else sorted(int(s) for s in args.steps.split(","))
+    if args.measure:
+        steps = [s for s in steps if (args.measure / f"model-{s}").is_dir()]
     n, trajectories = (64, 64) if args.quick else (args.n, args.trajectories)
     overrides = [*RECIPE, *args.overrides, f"model.embedded.train_steps={max(steps)}"]
     if not (ROOT / "artifacts" / "reference").exists():
@@ -130,9 +136,16 @@ def main() -> None:
             snapshots[step] = (args.keep or tmp) / f"model-{step}"
             save_model(ema, scheduler, snapshots[step])
 
-        _, _, log = train_embedded(train_images, config, device, steps, save_snapshot)
+        if args.measure:
+            snapshots = {step: args.measure / f"model-{step}" for step in steps}
+            log_path = args.measure / "train_log.json"
+            log = json.loads(log_path.read_text()) if log_path.exists() else {"loss": [], "loss_steps": []}
+        else:
+            _, _, log = train_embedded(train_images, config, device, steps, save_snapshot)
+            if args.keep:
+                (args.keep / "train_log.json").write_text(json.dumps(log) + "\n")
         train_seconds = time.perf_counter() - started
-        losses = dict(zip(log["loss_steps"], log["loss"], strict=True))
+        losses = dict(zip(log["loss_steps"], log["loss"], strict=True)) or {0: float("nan")}
         for step in steps:
             work = tmp / f"work-{step}"
             work.mkdir()

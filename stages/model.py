@@ -1,7 +1,9 @@
 """Stage `model`: the full-precision diffusion model, in diffusers format.
 
-embedded: train the embedded default on scikit-learn's digits; pretrained: load a local
-diffusers model directory and write it in the same format. Outputs: artifacts/model/,
+embedded: the digits UNet whose converged weights the package ships (checked against their
+sha256 and the ``model.embedded`` recipe); train: train that UNet from scratch on scikit-learn's
+digits with ``model.embedded``; pretrained: load a local diffusers model directory. Each is
+written in the same format. Outputs: artifacts/model/,
 artifacts/train.json (the loss curve), plots/model_samples.png; the stage's time goes to
 metrics/timings/model.json, outside the cached outs.
 """
@@ -12,11 +14,12 @@ import logging
 
 import click
 import torch
+from diffusers import SchedulerMixin
 
 from edadm.artifacts import timed, write_json
 from edadm.config import load_section, params_options
 from edadm.data import digits_split
-from edadm.diffusion.embedded import train_embedded
+from edadm.diffusion.embedded import load_embedded_weights, train_embedded
 from edadm.diffusion.loading import ModelConfig, load_scheduler, load_unet, model_hash, save_model
 from edadm.diffusion.sampling import SamplerConfig, sample
 from edadm.plots import save_grid
@@ -25,6 +28,21 @@ from edadm.runtime import configure_logging, load_device
 logger = logging.getLogger("stages.model")
 
 GRID_SAMPLES = 64
+
+
+def build_model(config: ModelConfig, device: torch.device) -> tuple[torch.nn.Module, SchedulerMixin, dict]:
+    """The model ``config.source`` names, its scheduler and a log that records the source."""
+    if config.source == "embedded":
+        return load_embedded_weights(config.embedded)
+    if config.source == "train":
+        (train_images, _), _ = digits_split(config.embedded.seed, size=config.embedded.image_size)
+        unet, scheduler, log = train_embedded(train_images, config.embedded, device)
+        return unet, scheduler, {**log, "source": "train"}
+    return (
+        load_unet(config.path),
+        load_scheduler(config.path),
+        {"source": config.path, "loss": [], "steps": 0},
+    )
 
 
 @click.command()
@@ -39,12 +57,7 @@ def main(params: dict, out: str, log_path: str, grid: str, timings: str) -> None
     device = load_device(params)
 
     with timed(timings):
-        if config.source == "embedded":
-            (train_images, _), _ = digits_split(config.embedded.seed, size=config.embedded.image_size)
-            unet, scheduler, log = train_embedded(train_images, config.embedded, device)
-        else:
-            unet, scheduler = load_unet(config.path), load_scheduler(config.path)
-            log = {"source": config.path, "loss": [], "steps": 0}
+        unet, scheduler, log = build_model(config, device)
         save_model(unet, scheduler, out)
 
         # A grid a person can look at: does the model make digits?

@@ -47,8 +47,10 @@ METHODS = {
     "q-diffusion-official": ("uniform-official", "brecq", {"recon.brecq_optimizer": "qdiffusion"}),
     # beyond the paper: random calibration, the floor every calibration rule must beat (W4A8 only)
     "random-brecq": ("random", "brecq", {}),
+    # the official fixed radius alone (W4A8 only)
+    "eda-dm-radius3": ("tdac-official", "fbr", {}),
 }
-CALIB_ONLY_METHODS = ["random-brecq"]
+CALIB_ONLY_METHODS = ["random-brecq", "eda-dm-radius3"]
 PAPER_BITS = [(8, 8), (4, 8)]
 # beyond the paper: where calibration and reconstruction matter more
 STRESS_BITS = [(4, 6), (4, 4), (3, 8)]

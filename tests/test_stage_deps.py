@@ -109,6 +109,12 @@ def test_stage_deps_name_every_module_the_stage_imports(stage):
     )
 
 
+def test_model_stage_depends_on_the_shipped_weights():
+    """New shipped weights must rerun the model stage (they are data, not an import)."""
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["model"]["deps"]
+    assert "edadm/diffusion/weights" in deps and (ROOT / "edadm/diffusion/weights").is_dir()
+
+
 def test_inspect_and_cli_are_no_stage_dep():
     """Editing `edadm inspect` or the CLI must rerun no stage."""
     for stage, script in stage_scripts().items():

@@ -3,27 +3,42 @@
 It exists so that a fresh clone runs end to end with no download. Its architecture has what
 EDA-DM needs: ResNet blocks, attention at the middle resolution (8x8) and a mid-block
 attention at 4x4 whose input TDAC hooks (features [B, 64, 4, 4]).
+
+A converged model takes thousands of steps (half an hour on 2 cores), so the package ships its
+weights (``weights/embedded_digits.safetensors``, float16, with a JSON of its sha256 and
+recipe; ``bench/ship_embedded.py`` writes them): ``load_embedded_weights`` loads them and
+``train_embedded`` trains the recipe from scratch (``model.source: train``).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from edadm.config import ParamError, check_range
+from edadm.artifacts import ArtifactError
+from edadm.config import ParamError, as_dict, check_range
 
 logger = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_NAME = "embedded_digits"
+# Recipe fields that do not change the weights: a mismatch there is no reason to retrain.
+RECIPE_IGNORED = frozenset({"log_every"})
 
 
 @dataclass(frozen=True)
@@ -157,3 +172,72 @@ def train_embedded(
         "steps": config.train_steps,
     }
     return ema.cpu(), scheduler, log
+
+
+def shipped_weights_paths(weights_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """The shipped weights file and its JSON description (in ``weights_dir``, default the package's)."""
+    folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+    return folder / f"{WEIGHTS_NAME}.safetensors", folder / f"{WEIGHTS_NAME}.json"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def recipe_differences(config: EmbeddedConfig, recipe: dict[str, Any]) -> list[str]:
+    """``key: params X, shipped Y`` for each recipe field where ``config`` differs from ``recipe``."""
+    given = as_dict(config)
+    out = []
+    for key in sorted((set(given) | set(recipe)) - RECIPE_IGNORED):
+        ours, theirs = given.get(key, "<missing>"), recipe.get(key, "<missing>")
+        if ours != theirs:
+            out.append(f"model.embedded.{key}: params {ours!r}, shipped {theirs!r}")
+    return out
+
+
+def load_embedded_weights(
+    config: EmbeddedConfig, weights_dir: str | Path | None = None
+) -> tuple[UNet2DModel, DDPMScheduler, dict]:
+    """The shipped embedded model (``model.source: embedded``), checked against its sha256 and recipe.
+
+    Returns the UNet (float32), the scheduler and the shipped training log plus ``source`` and
+    ``weights_sha256``. A damaged file is an ArtifactError; ``config`` (params ``model.embedded``)
+    other than the recipe the weights were trained with is a ParamError (the weights would not
+    be the model the params describe).
+    """
+    weights, description = shipped_weights_paths(weights_dir)
+    fix = f"reinstall edadm or `git checkout -- {weights.parent}`, or use model.source: train"
+    for path in (weights, description):
+        if not path.exists():
+            raise ArtifactError(f"the shipped embedded weights {path} are missing: {fix}")
+    try:
+        meta = json.loads(description.read_text())
+        expected, recipe, train_log = meta["sha256"], meta["recipe"], meta["train_log"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ArtifactError(f"{description} is damaged ({err!r}): {fix}") from err
+    sha = file_sha256(weights)
+    if sha != expected:
+        raise ArtifactError(
+            f"{weights} has sha256 {sha}, {description} records {expected}: the file is damaged; {fix}"
+        )
+    differences = recipe_differences(config, recipe)
+    if differences:
+        raise ParamError(
+            "model.source: embedded loads weights trained with another model.embedded recipe ("
+            + "; ".join(differences)
+            + "): set them back, or use model.source: train to train with the changed recipe"
+        )
+    unet = build_embedded_unet(config)
+    tensors = {name: tensor.float() for name, tensor in load_file(weights).items()}
+    try:
+        unet.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:  # sha and recipe agree, so the shipped pair itself is wrong
+        raise ArtifactError(f"{weights} does not fit its recipe's UNet ({err}); {fix}") from err
+    logger.info("loaded the shipped embedded weights %s (sha256 %s)", weights, sha[:12])
+    log = {**train_log, "source": "embedded (shipped weights)", "weights_sha256": sha}
+    return unet.eval(), build_embedded_scheduler(config), log

@@ -116,9 +116,12 @@ def ddim_from(scheduler: SchedulerMixin) -> DDIMScheduler:
 class ModelConfig:
     """params.yaml ``model``: where the diffusion model comes from."""
 
-    source: Literal["embedded", "pretrained"] = "embedded"
+    # embedded: the digits UNet whose weights the package ships; train: train that UNet from
+    # scratch with ``embedded``; pretrained: a local diffusers model directory (``path``)
+    source: Literal["embedded", "train", "pretrained"] = "embedded"
     path: str | None = None  # a diffusers pipeline or UNet directory, for source: pretrained
-    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)  # source: embedded
+    # source: train trains this recipe; source: embedded checks that it is the shipped weights' one
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
 
     def __post_init__(self) -> None:
         if self.source == "pretrained" and not self.path:
