@@ -182,6 +182,13 @@ def _attention_bits(quant: dict) -> str:
     return f"q/k/v {qkv} bit, softmax {quant['attn_bits']} bit"
 
 
+def _describe_groups(groups: dict | None) -> list[str]:
+    """quant.act_timestep_groups > 1: activation ranges per group of sampling steps."""
+    if not groups:
+        return []
+    return [f"  activation ranges: {groups['groups']} timestep groups, boundaries {groups['boundaries']}"]
+
+
 def _describe_quant(path: Path) -> list[str]:
     manifest = json.loads((path / "manifest.json").read_text())
     quant, recon, size = manifest["quant"], manifest["recon"], manifest["size"]
@@ -194,6 +201,7 @@ def _describe_quant(path: Path) -> list[str]:
         f"{size['quantized_weight_bytes'] / 2**20:.2f} MB "
         f"at their bit-widths; state.safetensors {state.stat().st_size / 2**20:.2f} MB",
     ]
+    lines += _describe_groups(manifest.get("timestep_groups"))
     if manifest.get("unsupported"):
         lines.append(f"  left in float (unsupported): {', '.join(manifest['unsupported'])}")
     report = {}
@@ -259,6 +267,7 @@ def _describe_safetensors(path: Path) -> list[str]:
         f"({100 * summary['file_bytes'] / summary['fp32_bytes']:.1f} %); "
         f"packed weights {summary['packed_weight_bytes'] / 2**20:.2f} MB",
     ]
+    lines += _describe_groups(summary.get("timestep_groups"))
     lines += [f"  {key}: {_short(value)}" for key, value in summary["extra"].items()]
     return lines
 

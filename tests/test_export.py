@@ -28,9 +28,9 @@ from edadm.quant import (
     set_quant_state,
     unpack_codes,
 )
-from edadm.quant.export import export_summary
+from edadm.quant.export import EXPORT_SCHEMA_VERSION, export_summary
 from edadm.quant.model import quant_layers
-from edadm.quant.state import save_quant_state
+from edadm.quant.state import SCHEMA_VERSION, save_quant_state
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def test_cli_export_and_inspect(tmp_path) -> None:
     result = runner.invoke(main, ["inspect", str(out)])
     assert result.exit_code == 0, result.output
     text = result.output
-    assert "edadm.export v1, UNet2DModel" in text and "W4A8" in text
+    assert f"edadm.export v{EXPORT_SCHEMA_VERSION}, UNet2DModel" in text and "W4A8" in text
     n_layers = len(quant_layers(reference))
     assert f"{n_layers} of {n_layers} QuantLayers" in text
     assert (
@@ -266,7 +266,7 @@ def test_bad_files_raise_artifact_errors(tmp_path) -> None:
 
     other = tmp_path / "state.safetensors"
     save_quant_state(model, other)  # a reconstruct stage state: schema edadm.quant
-    with pytest.raises(ArtifactError, match=r"schema 'edadm\.quant' v1, not an edadm export"):
+    with pytest.raises(ArtifactError, match=rf"schema 'edadm\.quant' v{SCHEMA_VERSION}, not an edadm export"):
         load_exported(other)
     assert "schema edadm.quant" in describe(other)
 

@@ -80,11 +80,6 @@ def _timesteps(sampler: SchedulerMixin, config: SamplerConfig) -> list[int]:
     return [int(t) for t in sampler.timesteps]
 
 
-def timesteps_for(train_scheduler: SchedulerMixin, config: SamplerConfig) -> list[int]:
-    """The timestep values ``sample`` visits with ``config``, in order (noisiest first)."""
-    return _timesteps(make_sampler(train_scheduler, config), config)
-
-
 def ddim_step(
     scheduler: DDIMScheduler,
     eps: torch.Tensor,
@@ -161,5 +156,5 @@ def sample(
 
 
 def sampling_timesteps(train_scheduler: SchedulerMixin, config: SamplerConfig) -> list[int]:
-    """The timestep values the sampler visits, in order (noisiest first); what the dump stores."""
-    return timesteps_for(train_scheduler, config)
+    """The timestep values ``sample`` visits, in order (noisiest first); what the dump stores."""
+    return _timesteps(make_sampler(train_scheduler, config), config)

@@ -7,8 +7,9 @@ Modules, one concept each: ``quantizer`` (grid arithmetic, UniformAffineQuantize
 inputs and float targets), ``block_reconstruction`` (Phase, learning one unit),
 ``reconstruction`` (FBR / BRECQ / layer-wise over the network: plan, resume, report),
 ``state`` (artifacts), ``packing`` (integer codes into bytes), ``export`` (one
-self-contained file). The calibration set they take is ``CalibrationSet`` from
-``edadm.calib.calibration_set`` (what ``edadm.calib.store.load_calibration`` returns).
+self-contained file), ``timestep_groups`` (activation ranges per group of sampling steps).
+The calibration set they take is ``CalibrationSet`` from ``edadm.calib.calibration_set``
+(what ``edadm.calib.store.load_calibration`` returns).
 """
 
 from edadm.quant.adaround import AdaRoundQuantizer
@@ -38,6 +39,7 @@ from edadm.quant.quantizer import (
 )
 from edadm.quant.reconstruction import ReconResult, reconstruct, report_rows, run_reconstruction
 from edadm.quant.state import load_quant_model, load_quant_state, quant_state_dict
+from edadm.quant.timestep_groups import TimestepGroups, timestep_groups
 
 __all__ = [
     "AdaRoundQuantizer",
@@ -49,6 +51,7 @@ __all__ = [
     "QuantLayer",
     "ReconConfig",
     "ReconResult",
+    "TimestepGroups",
     "UniformAffineQuantizer",
     "Unit",
     "UnsupportedLayerWarning",
@@ -73,6 +76,7 @@ __all__ = [
     "run_reconstruction",
     "search_range",
     "set_quant_state",
+    "timestep_groups",
     "trace_model",
     "unpack_codes",
 ]

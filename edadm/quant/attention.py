@@ -21,6 +21,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from torch import nn
 
 from edadm.quant.quantizer import UniformAffineQuantizer
+from edadm.quant.timestep_groups import TimestepGroups
 
 SUPPORTED_PROCESSORS = (AttnProcessor, AttnProcessor2_0)
 
@@ -39,7 +40,8 @@ def unsupported_reason(attn: Attention) -> str | None:
 class QuantAttnProcessor(nn.Module):
     """Quantizes q, k, v (``act_quantizer_q/k/v``) and the softmax output (``act_quantizer_w``).
 
-    ``qkv_bits`` / ``softmax_bits`` of None leave those tensors in float.
+    ``qkv_bits`` / ``softmax_bits`` of None leave those tensors in float. ``timestep_groups``:
+    one range per group of sampling steps in each of them.
     """
 
     def __init__(
@@ -48,15 +50,25 @@ class QuantAttnProcessor(nn.Module):
         qkv_bits: int | None,
         softmax_bits: int | None,
         symmetric: bool = True,
+        timestep_groups: TimestepGroups | None = None,
     ) -> None:
         super().__init__()
         self.original_processor = original_processor
         self.qkv_bits, self.softmax_bits = qkv_bits, softmax_bits
-        qkv = (lambda: UniformAffineQuantizer(qkv_bits, symmetric)) if qkv_bits else (lambda: None)
+
+        def qkv() -> UniformAffineQuantizer | None:
+            return (
+                UniformAffineQuantizer(qkv_bits, symmetric, timestep_groups=timestep_groups)
+                if qkv_bits
+                else None
+            )
+
         self.act_quantizer_q, self.act_quantizer_k, self.act_quantizer_v = qkv(), qkv(), qkv()
         # the softmax output lies in [0, 1]: one-sided [0, tau] grid
         self.act_quantizer_w = (
-            UniformAffineQuantizer(softmax_bits, symmetric, one_sided=True) if softmax_bits else None
+            UniformAffineQuantizer(softmax_bits, symmetric, one_sided=True, timestep_groups=timestep_groups)
+            if softmax_bits
+            else None
         )
         self.use_act_quant = True
 
@@ -65,8 +77,10 @@ class QuantAttnProcessor(nn.Module):
         return [q for q in quantizers if q is not None]
 
     @staticmethod
-    def _quantize(quantizer: UniformAffineQuantizer | None, x: torch.Tensor) -> torch.Tensor:
-        return x if quantizer is None else quantizer(x)
+    def _quantize(
+        quantizer: UniformAffineQuantizer | None, x: torch.Tensor, group_repeats: int = 1
+    ) -> torch.Tensor:
+        return x if quantizer is None else quantizer(x, group_repeats)
 
     def __call__(
         self,
@@ -109,14 +123,15 @@ class QuantAttnProcessor(nn.Module):
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
 
-        # 2. quantized q, k, v (per tensor, so before or after the head split is the same)
+        # 2. quantized q, k, v (per tensor, so before or after the head split is the same; before
+        #    it, dim 0 is the batch, as timestep groups need)
         query = attn.head_to_batch_dim(self._quantize(self.act_quantizer_q, query))
         key = attn.head_to_batch_dim(self._quantize(self.act_quantizer_k, key))
         value = attn.head_to_batch_dim(self._quantize(self.act_quantizer_v, value))
 
-        # 3. softmax(q k^T * scale), quantized, times v
+        # 3. softmax(q k^T * scale), quantized, times v; its dim 0 is batch x heads (sample-major)
         scores = attn.get_attention_scores(query, key, attention_mask)
-        attention_probs = self._quantize(self.act_quantizer_w, scores)
+        attention_probs = self._quantize(self.act_quantizer_w, scores, attn.heads)
         hidden_states = torch.bmm(attention_probs, value)
         hidden_states = attn.batch_to_head_dim(hidden_states)
 

@@ -34,6 +34,7 @@ from edadm.quant.losses import fbr_loss, lp_loss
 from edadm.quant.model import act_quantizers, set_quant_state
 from edadm.quant.qdrop import QDrop
 from edadm.quant.quantizer import SCALE_EPS
+from edadm.quant.timestep_groups import timestep_groups
 
 # Q-Diffusion's BRECQ optimisers (recon.brecq_optimizer: qdiffusion): Adam's default rate for
 # AdaRound (no rate is passed, no schedule), --cali_lr and --cali_p for the activation pass.
@@ -135,6 +136,14 @@ def _run_unit(unit_module: nn.Module, args: list[Any], kwargs: dict[str, Any]) -
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _run_quantized(
+    unit_module: nn.Module, cache: UnitCache, index: torch.Tensor, args: list[Any], kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """The unit's quantized pass on the samples ``index``, each with its timestep group's ranges."""
+    with timestep_groups(unit_module, None if cache.t is None else cache.t[index]):
+        return _run_unit(unit_module, args, kwargs)
+
+
 def _float_layer_outputs(
     unit_module: nn.Module,
     cache: UnitCache,
@@ -176,7 +185,7 @@ def evaluate_unit(
             fp_args, fp_kwargs = cache.fp_inputs.select(index, device)
             layers_fp = _float_layer_outputs(unit_module, cache, recorder, index, fp_args, fp_kwargs, device)
             set_quant_state(unit_module, True, act_quant)
-            out_q = _run_unit(unit_module, *cache.q_inputs.select(index, device))
+            out_q = _run_quantized(unit_module, cache, index, *cache.q_inputs.select(index, device))
             layers_q = recorder.take()
             n = len(index)
             block_total += float(lp_loss(out_q, cache.fp_outputs[index].to(device))) * n
@@ -255,7 +264,7 @@ def reconstruct_unit(
                     )
                 # 4. quantized pass on x~ and the loss: L_b + gamma * L_m (FBR) or L_b
                 set_quant_state(unit_module, True, phase.act_quant)
-                out_q = _run_unit(unit_module, q_args, q_kwargs)
+                out_q = _run_quantized(unit_module, cache, index, q_args, q_kwargs)
                 if recorder is not None:
                     loss = fbr_loss(out_q, target, recorder.take(), layers_fp, config.gamma)
                 else:

@@ -222,6 +222,7 @@ class UnitCache:
     q_inputs: UnitInputs
     fp_outputs: torch.Tensor
     fp_layer_outputs: list[torch.Tensor] | None = None  # None: recomputed each iteration
+    t: torch.Tensor | None = None  # [N] each sample's timestep (its group's ranges; see timestep_groups)
 
     def __len__(self) -> int:
         return self.fp_outputs.shape[0]

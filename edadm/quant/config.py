@@ -52,6 +52,9 @@ class QuantConfig:
     # Activation range search: elements per batch whose error ranks the 100 candidates (the
     # largest |x| eighth always in). 0 = all, as the reference (exact, ~30x slower on CPU).
     act_search_elements: int = 65536
+    # Ours: G activation ranges per quantizer, one per group of consecutive sampling steps
+    # (edadm.quant.timestep_groups). Official: 1, one set for all timesteps (METHOD.md 0).
+    act_timestep_groups: int = 1
 
     def __post_init__(self) -> None:
         for name in ("w_bits", "a_bits", "attn_bits", "first_last_bits"):
@@ -59,6 +62,12 @@ class QuantConfig:
         if self.qkv_bits is not None:
             check_bits("quant.qkv_bits", self.qkv_bits)
         check_range("quant.act_search_elements", self.act_search_elements, 0)
+        groups = self.act_timestep_groups
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ParamError(
+                f"param quant.act_timestep_groups={groups!r} must be an integer >= 1 "
+                "(1: one set of activation ranges for all timesteps)"
+            )
 
     @property
     def attention_qkv_bits(self) -> int:

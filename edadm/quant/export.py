@@ -10,7 +10,9 @@ or reconstruction artifacts). It holds:
 - metadata (str -> str): ``schema`` = "edadm.export", ``schema_version`` and ``model_class``
   as plain strings; as JSON ``model_config`` (the diffusers config), ``quant`` (QuantConfig),
   ``layout`` (the traced ModelLayout, so loading needs no trace), ``layers`` ({name:
-  {w_bits, a_bits, split, shape}}) and the caller's own entries.
+  {w_bits, a_bits, split, shape}}), with ``quant.act_timestep_groups`` > 1 ``timestep_groups``
+  ({groups, boundaries}; the boundaries are a tensor too, as in ``state.safetensors``), and
+  the caller's own entries.
 
 The loaded model is the same fake-quant module ``load_quant_model`` gives (outputs bitwise
 equal on the same device and dtype), with the float weights replaced by their dequantized
@@ -40,16 +42,19 @@ from edadm.quant.layers import QuantLayer
 from edadm.quant.model import quant_info, quant_layers, quantize_model
 from edadm.quant.packing import pack_codes, unpack_codes
 from edadm.quant.quantizer import UniformAffineQuantizer
-from edadm.quant.state import load_quant_state, quant_state_dict, save_safetensors
+from edadm.quant.state import load_quant_state, quant_state_dict, save_safetensors, timestep_groups_entry
+from edadm.quant.timestep_groups import BOUNDARIES_KEY
 
 logger = logging.getLogger(__name__)
 
 EXPORT_SCHEMA = "edadm.export"
-EXPORT_SCHEMA_VERSION = 2  # 2: quant.qkv_bits and quant.split_conv1 in the metadata
+# 2: quant.qkv_bits, quant.split_conv1 and quant.act_timestep_groups in the metadata
+EXPORT_SCHEMA_VERSION = 2
 PACKED_SUFFIX = ".weight_packed"
 FLOAT_BYTES = 4  # the reference size is the float32 model
 PLAIN_METADATA = ("schema", "schema_version", "model_class")  # plain strings; the rest is JSON
 RESERVED_METADATA = ("schema", "schema_version", "model_class", "model_config", "quant", "layout", "layers")
+OPTIONAL_METADATA = ("timestep_groups",)  # written only when there are timestep groups
 REMEDY = "write it again with `edadm export --model MODEL_DIR --quant QUANT_DIR --out FILE.safetensors`"
 # bytes per element of the safetensors dtype names, for sizes read from a header
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2}
@@ -125,7 +130,7 @@ def export_quantized(
     if model_class not in UNET_CLASSES:
         raise ValueError(f"export_quantized takes {' or '.join(UNET_CLASSES)}, got {model_class}")
     metadata = dict(metadata or {})
-    clashes = sorted(set(metadata) & set(RESERVED_METADATA))
+    clashes = sorted(set(metadata) & {*RESERVED_METADATA, *OPTIONAL_METADATA})
     if clashes:
         raise ValueError(f"metadata keys {clashes} are reserved by the export format; rename them")
 
@@ -171,6 +176,7 @@ def export_quantized(
             }
         ),
     }
+    header.update({key: json.dumps(value) for key, value in timestep_groups_entry(model).items()})
     header.update({key: json.dumps(value) for key, value in metadata.items()})
     path = Path(path)
     with atomic_output(path) as tmp:
@@ -334,6 +340,8 @@ def export_summary(path: str | Path) -> dict[str, Any]:
     fp32_bytes = packed_bytes = quantized_layers = 0
     for key, (dtype, shape) in shapes.items():
         numel = math.prod(shape)
+        if key == BOUNDARIES_KEY:
+            continue  # quantization state, not float UNet data
         if key.endswith(PACKED_SUFFIX):
             layer = metadata["layers"].get(key.removesuffix(PACKED_SUFFIX))
             if layer is None:
@@ -350,7 +358,11 @@ def export_summary(path: str | Path) -> dict[str, Any]:
         "fp32_bytes": fp32_bytes,
         "packed_weight_bytes": packed_bytes,
         "quantized_layers": quantized_layers,
-        "extra": {key: value for key, value in metadata.items() if key not in RESERVED_METADATA},
+        "extra": {
+            key: value
+            for key, value in metadata.items()
+            if key not in RESERVED_METADATA and key not in OPTIONAL_METADATA
+        },
     }
 
 

@@ -6,6 +6,8 @@ scale and zero-point (the same arithmetic as fake quantization), the weight is t
 integer codes shifted to signed int8 (code - zero_point: symmetric, zero-point 0), and the
 kernel accumulates in int32 and rescales by input scale x weight scale per output channel
 into float32, bias fused. Integer and fake outputs therefore differ only by float rounding.
+With timestep groups (``quant.act_timestep_groups``) a layer has one input scale per group: a
+batch runs with its group's, and a batch that mixes groups is split by group.
 
 Backends (``backend=``):
 - ``onednn`` (CPU): ``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise``, the
@@ -87,17 +89,21 @@ def quantize_codes(x: torch.Tensor, scale: float, zero_point: int, bits: int) ->
 
 
 class _Part:
-    """One input slice of a layer (two for a split shortcut) and the weight columns it meets."""
+    """One input slice of a layer (two for a split shortcut) and the weight columns it meets.
+
+    ``act_scales`` / ``act_zero_points``: one per timestep group (one without groups).
+    """
 
     def __init__(
         self, act: UniformAffineQuantizer, weight: torch.Tensor, scale: torch.Tensor, start: int, stop: int
     ):
-        self.act_scale = float(act.scale)
-        self.act_zero_point = int(act.zero_point.round())
+        self.act_scales = [float(s) for s in act.scale.detach().reshape(-1)]
+        self.act_zero_points = [int(z) for z in act.zero_point.round().reshape(-1)]
         self.act_bits = act.bits
         self.weight = weight  # int8, code - zero_point
         self.weight_scale = scale.float().contiguous()  # [out]
         self.start, self.stop = start, stop
+        self.packed: list[torch.Tensor] = []  # per group (oneDNN convs pack the input scale in)
 
 
 class IntegerLayer(nn.Module):
@@ -116,6 +122,7 @@ class IntegerLayer(nn.Module):
             self.kernel_size = layer.kernel_size
         self.out_channels = layer.weight.shape[0]
         self.weight_zero_points = torch.zeros(self.out_channels, dtype=torch.int64)  # symmetric int8
+        self.timestep_groups = layer.act_quantizer.timestep_groups
         self.parts = []
         signed = signed_weight(layer).to(torch.int8)  # why_fake checked the range
         halves = [(layer.weight_quantizer, layer.act_quantizer, 0, layer.split or layer.weight.shape[1])]
@@ -127,21 +134,21 @@ class IntegerLayer(nn.Module):
             part = _Part(
                 act, signed[:, start:stop].contiguous(), weight_quantizer.scale.detach(), start, stop
             )
-            part.packed = self._prepack(part)
+            part.packed = [self._prepack(part, g) for g in range(len(part.act_scales))]
             self.parts.append(part)
 
     def extra_repr(self) -> str:
         return f"{self.layer_type}, out={self.out_channels}, parts={len(self.parts)}, backend={self.backend}"
 
-    def _prepack(self, part: _Part) -> torch.Tensor:
+    def _prepack(self, part: _Part, group: int) -> torch.Tensor:
         if self.backend != "onednn":
             return part.weight
         if self.layer_type == "Conv2d":
             return torch.ops.onednn.qconv_prepack(
                 part.weight,
                 part.weight_scale,
-                part.act_scale,
-                part.act_zero_point,
+                part.act_scales[group],
+                part.act_zero_points[group],
                 self.stride,
                 self.padding,
                 self.dilation,
@@ -151,43 +158,67 @@ class IntegerLayer(nn.Module):
         return torch.ops.onednn.qlinear_prepack(part.weight, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.timestep_groups is None:
+            return self._forward_group(x, 0)
+        groups = self.timestep_groups.batch_index(x.shape[0], x.device)
+        present = self.timestep_groups.present
+        if len(present) == 1:  # sampling: one timestep a batch
+            return self._forward_group(x, present[0])
+        out = None
+        for g in present:
+            rows = (groups == g).nonzero().squeeze(1)
+            y = self._forward_group(x[rows], g)
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out[rows] = y
+        return out
+
+    def _forward_group(self, x: torch.Tensor, group: int) -> torch.Tensor:
+        """The layer on ``x``, every sample of timestep group ``group`` (0 without groups)."""
         out = None
         for i, part in enumerate(self.parts):
             x_part = x if len(self.parts) == 1 else x[:, part.start : part.stop]
-            codes = quantize_codes(x_part.float(), part.act_scale, part.act_zero_point, part.act_bits)
+            scale, zero_point = part.act_scales[group], part.act_zero_points[group]
+            codes = quantize_codes(x_part.float(), scale, zero_point, part.act_bits)
             bias = self.bias if i == 0 else None  # the bias once, with the first slice
             y = (
-                self._onednn(codes, part, bias)
+                self._onednn(codes, part, group, bias)
                 if self.backend == "onednn"
-                else self._int_mm(codes, part, bias)
+                else self._int_mm(codes, part, group, bias)
             )
             out = y if out is None else out.add_(y)
         return out.to(x.dtype)
 
-    def _onednn(self, codes: torch.Tensor, part: _Part, bias: torch.Tensor | None) -> torch.Tensor:
+    def _onednn(
+        self, codes: torch.Tensor, part: _Part, group: int, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        scale, zero_point, packed = part.act_scales[group], part.act_zero_points[group], part.packed[group]
         if self.layer_type == "Conv2d":
             return torch.ops.onednn.qconv2d_pointwise(
-                codes, part.act_scale, part.act_zero_point, part.packed,
+                codes, scale, zero_point, packed,
                 part.weight_scale, self.weight_zero_points, bias,
                 self.stride, self.padding, self.dilation, self.groups,
                 1.0, 0, torch.float32, "none", [], "",
             )  # fmt: skip
         lead = codes.shape[:-1]
         y = torch.ops.onednn.qlinear_pointwise(
-            codes.reshape(-1, codes.shape[-1]), part.act_scale, part.act_zero_point, part.packed,
+            codes.reshape(-1, codes.shape[-1]), scale, zero_point, packed,
             part.weight_scale, self.weight_zero_points, bias, 1.0, 0, torch.float32, "none", [], "",
         )  # fmt: skip
         return y.reshape(*lead, self.out_channels)
 
-    def _int_mm(self, codes: torch.Tensor, part: _Part, bias: torch.Tensor | None) -> torch.Tensor:
+    def _int_mm(
+        self, codes: torch.Tensor, part: _Part, group: int, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         # (code - zp) = (code - 128) - (zp - 128): signed int8 operands, one correction term per
         # output channel, sum_k (zp - 128) * w[n, k].
+        scale, zero_point = part.act_scales[group], part.act_zero_points[group]
         weight = part.weight.reshape(self.out_channels, -1)  # [N, K]
         if self.layer_type == "Conv2d":
             batch = codes.shape[0]
             # pad with the code of 0.0 (the zero-point), as the fake path pads with 0.0
             pad_h, pad_w = self.padding
-            padded = F.pad(codes.float(), (pad_w, pad_w, pad_h, pad_h), value=float(part.act_zero_point))
+            padded = F.pad(codes.float(), (pad_w, pad_w, pad_h, pad_h), value=float(zero_point))
             out_h, out_w = (
                 (padded.shape[2 + i] - self.dilation[i] * (self.kernel_size[i] - 1) - 1) // self.stride[i] + 1
                 for i in range(2)
@@ -199,8 +230,8 @@ class IntegerLayer(nn.Module):
             rows = codes.reshape(-1, codes.shape[-1]).float()
         signed = (rows - 128).to(torch.int8)
         acc = int_mm(signed, weight.t())  # [M, N] int32
-        correction = (part.act_zero_point - 128) * weight.sum(dim=1, dtype=torch.int32)
-        y = (acc - correction).float() * (part.act_scale * part.weight_scale)
+        correction = (zero_point - 128) * weight.sum(dim=1, dtype=torch.int32)
+        y = (acc - correction).float() * (scale * part.weight_scale)
         if bias is not None:
             y = y + bias
         if self.layer_type == "Conv2d":

@@ -4,7 +4,8 @@ Weights are quantized per output channel with ``weight_quantizer``; the integer 
 the ``weight_int`` buffer (uint8) and the forward uses (weight_int - zero_point) * scale, so a
 saved and reloaded state gives bitwise-equal outputs. During reconstruction an
 ``AdaRoundQuantizer`` (``start_adaround``) replaces the codes until ``finish_adaround`` writes
-its hard rounding back. The input is quantized per tensor by ``act_quantizer`` (learnable step).
+its hard rounding back. The input is quantized per tensor by ``act_quantizer`` (learnable step),
+or per tensor and timestep group (``timestep_groups``, see ``edadm.quant.timestep_groups``).
 
 Split shortcut (Q-Diffusion): a layer whose input is concat([h, skip]) (the up path's
 ResnetBlock2D conv1 and conv_shortcut) has ``split`` = channels of h; the input halves
@@ -26,6 +27,7 @@ from torch.nn.modules.utils import _pair
 
 from edadm.quant.adaround import AdaRoundQuantizer
 from edadm.quant.quantizer import UniformAffineQuantizer, broadcast_to_axis, dequantize, quantize
+from edadm.quant.timestep_groups import TimestepGroups
 
 
 class QuantLayer(nn.Module):
@@ -38,6 +40,7 @@ class QuantLayer(nn.Module):
         a_bits: int | None,
         symmetric: bool = True,
         split: int = 0,
+        timestep_groups: TimestepGroups | None = None,
     ) -> None:
         super().__init__()
         if type(module) not in (nn.Conv2d, nn.Linear):
@@ -69,7 +72,9 @@ class QuantLayer(nn.Module):
             return UniformAffineQuantizer(w_bits, symmetric, channels=out_channels) if w_bits else None
 
         def act_quantizer() -> UniformAffineQuantizer | None:
-            return UniformAffineQuantizer(a_bits, symmetric) if a_bits else None
+            return (
+                UniformAffineQuantizer(a_bits, symmetric, timestep_groups=timestep_groups) if a_bits else None
+            )
 
         self.weight_quantizer = weight_quantizer()
         self.weight_quantizer_0 = weight_quantizer() if split else None

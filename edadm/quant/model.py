@@ -11,6 +11,9 @@ What gets quantized (METHOD.md 0):
 - attention q, k, v at the activation bits (``quant.qkv_bits`` overrides) and the softmax
   output at ``quant.attn_bits``, through QuantAttnProcessor (only when activations are
   quantized: they are activations).
+With ``quant.act_timestep_groups`` G > 1 (ours) every activation quantizer keeps G ranges, one
+per group of sampling steps (``edadm.quant.timestep_groups``); a pre-hook on the UNet picks
+each sample's group from its ``timestep``.
 Anything else that holds a weight matrix (ConvTranspose2d, Conv1d, Embedding, subclasses of
 Conv2d / Linear such as LoRA-compatible layers, PEFT LoRA wrappers) is listed, left in float,
 and reported with an ``UnsupportedLayerWarning``; so is an attention whose products the
@@ -26,7 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +43,12 @@ from edadm.quant.blocks import ModelLayout, Unit, default_example_inputs, trace_
 from edadm.quant.config import QuantConfig, is_float_bits
 from edadm.quant.layers import QuantLayer
 from edadm.quant.quantizer import UniformAffineQuantizer
+from edadm.quant.timestep_groups import (
+    TimestepGroups,
+    find_timestep_groups,
+    install_hooks,
+    no_samples_message,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +66,7 @@ class QuantModelInfo:
     config: QuantConfig
     layout: ModelLayout
     unsupported: list[str] = field(default_factory=list)  # "name (Type): reason"
+    timestep_groups: TimestepGroups | None = None  # quant.act_timestep_groups > 1
 
 
 def quant_info(model: nn.Module) -> QuantModelInfo:
@@ -118,6 +128,7 @@ def quantize_model(
     layout: ModelLayout | None = None,
     inplace: bool = False,
     init_weights: bool = True,
+    timesteps: Sequence[float] | None = None,
 ) -> nn.Module:
     """Wrap a diffusers UNet2DModel / UNet2DConditionModel for fake quantization.
 
@@ -125,6 +136,8 @@ def quantize_model(
     from the config). ``layout``: a stored layout (from a manifest) instead of tracing.
     ``inplace``: modify ``unet`` itself instead of a deep copy. ``init_weights``: search the
     weight ranges and round to nearest now (skipped when a saved state is loaded next).
+    ``timesteps``: the sampler's timesteps in step order, cut into ``quant.act_timestep_groups``
+    groups when that is > 1 (None: the group boundaries come with a loaded state).
 
     Returns the model with weight quantization on and activation quantization on; the
     activation ranges must be initialised (``calibrate_activations`` or a loaded state) before
@@ -148,7 +161,14 @@ def quantize_model(
                 f"{name} ({type(model.get_submodule(name)).__name__}): did not run in the traced forward"
             )
 
-    # 1. layers
+    # 1. layers (activation ranges per timestep group when asked, weights never)
+    groups = None
+    if config.act_timestep_groups > 1:
+        groups = (
+            TimestepGroups(config.act_timestep_groups)
+            if timesteps is None
+            else TimestepGroups.from_timesteps(timesteps, config.act_timestep_groups)
+        )
     w_bits, a_bits = _bits(config.w_bits), _bits(config.a_bits)
     first, last = layout.layer_order[0], layout.layer_order[-1]
     for name in layout.layer_order:
@@ -157,7 +177,7 @@ def quantize_model(
         split = _split_point(layout, config, name)
         module = model.get_submodule(name)
         replace_submodule(
-            model, name, QuantLayer(module, layer_w_bits, layer_a_bits, config.symmetric, split)
+            model, name, QuantLayer(module, layer_w_bits, layer_a_bits, config.symmetric, split, groups)
         )
 
     # 2. attention products
@@ -169,7 +189,9 @@ def quantize_model(
                 if reason:
                     unsupported.append(f"{name} (Attention): products left in float, {reason}")
                 else:
-                    processor = QuantAttnProcessor(module.processor, qkv_bits, softmax_bits, config.symmetric)
+                    processor = QuantAttnProcessor(
+                        module.processor, qkv_bits, softmax_bits, config.symmetric, groups
+                    )
                     module.set_processor(processor.to(module.to_q.weight.device))
 
     for quantizer in act_quantizers(model):
@@ -185,7 +207,9 @@ def quantize_model(
         for layer in tqdm(layers, desc="weight ranges", unit="layer", leave=False):
             layer.init_weight_range()
 
-    object.__setattr__(model, INFO_ATTR, QuantModelInfo(config, layout, unsupported))
+    if groups is not None:
+        install_hooks(model, groups)
+    object.__setattr__(model, INFO_ATTR, QuantModelInfo(config, layout, unsupported, groups))
     set_quant_state(model, weights=True, activations=True)
     return model
 
@@ -221,7 +245,8 @@ def calibrate_activations(model: nn.Module, batches: Iterable[Mapping[str, Any]]
     quantized during the pass (as in the official code), so each quantizer sees the input the
     quantized network gives it. The EMA weighs early batches most: each batch should mix the
     timesteps (the select stage's sets are in trajectory order for this), or the ranges fit
-    the steps that come first.
+    the steps that come first. With timestep groups, each group's ranges come from its own
+    samples only; ValueError when a group gets none.
     """
     quantizers = act_quantizers(model)
     for quantizer in quantizers:
@@ -230,6 +255,9 @@ def calibrate_activations(model: nn.Module, batches: Iterable[Mapping[str, Any]]
     try:
         for inputs in batches:
             model(**inputs)
+        missing = sorted({g for quantizer in quantizers for g in quantizer.uncalibrated_groups()})
+        if missing:
+            raise ValueError(no_samples_message(find_timestep_groups(model), missing))
     finally:
         for quantizer in quantizers:
             quantizer.finish_calibration()

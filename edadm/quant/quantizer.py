@@ -16,15 +16,22 @@ Ranges come from a search over 100 candidates (i / 100) * extreme, i = 1..100, m
 mean |x - x^|^p with p = 2.4 (LAPQ's L_p criterion, as Q-Diffusion / EDA-DM do).
 
 Granularity is one notion, ``channel_axis``: None is per tensor, an int is one (scale,
-zero_point) per index along that axis (weights: axis 0, the output channels).
+zero_point) per index along that axis (weights: axis 0, the output channels). An activation
+quantizer with timestep groups (``edadm.quant.timestep_groups``) keeps one pair per group and
+quantizes every sample with its group's.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from edadm.quant.qdrop import QDrop
+
+if TYPE_CHECKING:
+    from edadm.quant.timestep_groups import TimestepGroups
 
 SEARCH_CANDIDATES = 100  # METHOD.md 0: tau = (i / 100) * max|x|, i = 1..100
 SEARCH_P = 2.4  # METHOD.md 0: L_p error with p = 2.4
@@ -227,30 +234,51 @@ class UniformAffineQuantizer(nn.Module):
     step size ``scale`` may be learned (a Parameter; straight-through rounding, LSQ-style)
     while the zero-point stays fixed. ``qdrop`` (set only while a unit is reconstructed, see
     ``edadm.quant.qdrop``) mixes the float input back into the output element-wise.
+
+    ``timestep_groups`` (activations only): G (scale, zero_point) pairs, [G] each, one per
+    group of sampling steps; sample b of a batch uses its group's (dim 0 is the batch).
     """
 
     def __init__(
-        self, bits: int, symmetric: bool = True, channels: int | None = None, one_sided: bool | None = None
+        self,
+        bits: int,
+        symmetric: bool = True,
+        channels: int | None = None,
+        one_sided: bool | None = None,
+        timestep_groups: TimestepGroups | None = None,
     ) -> None:
         super().__init__()
         if not 2 <= bits <= 8:
             raise ValueError(f"UniformAffineQuantizer: bits={bits} outside 2..8")
+        if timestep_groups is not None and channels is not None:
+            raise ValueError("timestep groups are for per-tensor (activation) quantizers")
         self.bits = bits
         self.symmetric = symmetric
         self.channel_axis = None if channels is None else 0
         self.one_sided = one_sided  # None: decided on the first calibration batch, then fixed
+        self.timestep_groups = timestep_groups
         shape = () if channels is None else (channels,)
+        if timestep_groups is not None:
+            shape = (timestep_groups.count,)
         self.scale = nn.Parameter(torch.ones(shape), requires_grad=False)
         self.register_buffer("zero_point", torch.zeros(shape))
         self.initialized = False
         self.calibrating = False
         self.running_min: torch.Tensor | None = None
         self.running_max: torch.Tensor | None = None
+        self.calibrated_groups: torch.Tensor | None = None  # [G] bool while calibrating with groups
         self.qdrop: QDrop | None = None
         self.search_max_elements = 0  # >0: subsampled error in the calibration search
 
+    @property
+    def group_count(self) -> int:
+        """Sets of (scale, zero_point) over timesteps: 1, or G with timestep groups."""
+        return 1 if self.timestep_groups is None else self.timestep_groups.count
+
     def extra_repr(self) -> str:
         granularity = "per-tensor" if self.channel_axis is None else f"per-channel({self.scale.numel()})"
+        if self.timestep_groups is not None:
+            granularity += f", timestep-groups({self.group_count})"
         return f"bits={self.bits}, symmetric={self.symmetric}, {granularity}, one_sided={self.one_sided}"
 
     @torch.no_grad()
@@ -270,17 +298,32 @@ class UniformAffineQuantizer(nn.Module):
         """Forget the range; the next forwards (``calibrating``) rebuild it by EMA over batches."""
         self.calibrating = True
         self.initialized = False
-        self.running_min = self.running_max = None
+        self.running_min = self.running_max = self.calibrated_groups = None
 
     def finish_calibration(self) -> None:
         self.calibrating = False
-        self.running_min = self.running_max = None
+        self.running_min = self.running_max = self.calibrated_groups = None
+
+    def uncalibrated_groups(self) -> list[int]:
+        """The timestep groups no calibration sample reached (while calibrating; [] without groups)."""
+        if self.timestep_groups is None or not self.calibrating:
+            return []
+        if self.calibrated_groups is None:
+            return list(range(self.group_count))
+        return [g for g, seen in enumerate(self.calibrated_groups.tolist()) if not seen]
 
     @torch.no_grad()
-    def observe(self, x: torch.Tensor) -> None:
-        """Search this batch's range and fold it into the running range (EMA, METHOD.md 0)."""
+    def observe(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> None:
+        """Search this batch's range and fold it into the running range (EMA, METHOD.md 0).
+
+        ``groups`` [B]: the timestep group of each sample (dim 0 of ``x``); each group's range
+        is searched on its own samples and folded into its own running range.
+        """
         if self.one_sided is None:
             self.one_sided = bool(x.min() >= 0)
+        if groups is not None:
+            self._observe_groups(x, groups)
+            return
         new_min, new_max = search_min_max(
             x,
             self.bits,
@@ -296,15 +339,46 @@ class UniformAffineQuantizer(nn.Module):
             self.running_max = EMA_MOMENTUM * self.running_max + (1 - EMA_MOMENTUM) * new_max
         self.set_qparams(*qparams_from_range(self.running_min, self.running_max, self.bits, self.symmetric))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _observe_groups(self, x: torch.Tensor, groups: torch.Tensor) -> None:
+        if self.running_min is None:
+            self.running_min = torch.zeros(self.group_count, device=x.device)
+            self.running_max = torch.zeros(self.group_count, device=x.device)
+            self.calibrated_groups = torch.zeros(self.group_count, dtype=torch.bool)
+        for g in groups.unique().tolist():
+            new_min, new_max = search_min_max(
+                x[groups == g],
+                self.bits,
+                self.symmetric,
+                one_sided=self.one_sided,
+                max_elements=self.search_max_elements,
+            )
+            if self.calibrated_groups[g]:
+                new_min = EMA_MOMENTUM * self.running_min[g] + (1 - EMA_MOMENTUM) * new_min
+                new_max = EMA_MOMENTUM * self.running_max[g] + (1 - EMA_MOMENTUM) * new_max
+            self.running_min[g], self.running_max[g] = new_min, new_max
+            self.calibrated_groups[g] = True
+        # groups not seen yet get a placeholder range; no sample of this batch uses it
+        self.set_qparams(*qparams_from_range(self.running_min, self.running_max, self.bits, self.symmetric))
+
+    def forward(self, x: torch.Tensor, group_repeats: int = 1) -> torch.Tensor:
+        """Fake-quantize ``x``; with timestep groups its dim 0 is the batch, or the batch times
+        ``group_repeats`` (attention heads folded into it, sample-major)."""
+        groups = None
+        if self.timestep_groups is not None:
+            groups = self.timestep_groups.batch_index(x.shape[0], x.device, group_repeats)
         if self.calibrating:
-            self.observe(x)
+            self.observe(x, groups)
         if not self.initialized:
             raise RuntimeError(
                 "an activation quantizer has no range yet: run edadm.quant.calibrate_activations(model, ...) "
                 "or load a reconstructed state (load_quant_model) before a quantized forward"
             )
-        x_hat = fake_quantize(x, self.scale, self.zero_point, self.bits, self.channel_axis).to(x.dtype)
+        if groups is None:
+            x_hat = fake_quantize(x, self.scale, self.zero_point, self.bits, self.channel_axis).to(x.dtype)
+        else:
+            # gather: each sample's loss gradient reaches its own group's step
+            scale, zero_point = self.scale[groups], self.zero_point[groups]
+            x_hat = fake_quantize(x, scale, zero_point, self.bits, channel_axis=0).to(x.dtype)
         if self.qdrop is not None:
             x_hat = self.qdrop.mix(x, x_hat)
         return x_hat

@@ -66,6 +66,7 @@ from edadm.quant.state import (
     quant_state_dict,
     save_quant_state,
 )
+from edadm.quant.timestep_groups import sampler_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +173,10 @@ def reconstruct(
     """
     device = torch.device(device)
     model.to(device).eval().requires_grad_(False)
-    lrs = config.learning_rates(quant_info(model).config.w_bits)
+    info = quant_info(model)
+    if info.timestep_groups is not None:
+        info.timestep_groups.check_covers(calib.t)  # before anything costly
+    lrs = config.learning_rates(info.config.w_bits)
     modules = dict(model.named_modules())
     steps = plan_steps(model, config)
     finished = store.finished([s.name for s in steps]) if store else []
@@ -237,7 +241,10 @@ def _reconstruct_step(
         weights=True,
         activations=phase.act_quant,
     )
-    cache = UnitCache(float_cache.inputs, quantized.inputs, float_cache.output, float_cache.layer_outputs)
+    # caches hold the samples in calibration order: sample i's timestep is calib.t[i]
+    cache = UnitCache(
+        float_cache.inputs, quantized.inputs, float_cache.output, float_cache.layer_outputs, calib.t
+    )
     cache_seconds = time.perf_counter() - tick
 
     # 2. losses before, learning, losses after
@@ -305,16 +312,22 @@ def report_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 # Entry point with artifacts
 # ---------------------------------------------------------------------------------------------
-def run_key(unet_hash: str, calib_hash: str, quant_config: QuantConfig, recon_config: ReconConfig) -> str:
-    """Checkpoint key: changes with any config value, the calibration data or the model weights."""
-    text = repr(
-        (
-            SCHEMA_VERSION,
-            CHECKPOINT_FORMAT,
-            sorted(as_dict(quant_config).items()),
-            sorted(as_dict(recon_config).items()),
-        )
+def run_key(
+    unet_hash: str,
+    calib_hash: str,
+    quant_config: QuantConfig,
+    recon_config: ReconConfig,
+    timesteps: Sequence[float] | None = None,
+) -> str:
+    """Checkpoint key: changes with any config value, the calibration data or the model weights
+    (and the sampler's timesteps, when they define timestep groups)."""
+    key = (
+        SCHEMA_VERSION,
+        CHECKPOINT_FORMAT,
+        sorted(as_dict(quant_config).items()),
+        sorted(as_dict(recon_config).items()),
     )
+    text = repr(key if timesteps is None else (*key, [float(t) for t in timesteps]))
     return hashlib.sha256(f"{text}|{unet_hash}|{calib_hash}".encode()).hexdigest()[:20]
 
 
@@ -328,6 +341,7 @@ def run_reconstruction(
     device: torch.device | str,
     *,
     callback: StepCallback | None = None,
+    timesteps: Sequence[float] | None = None,
 ) -> ReconResult:
     """Quantize ``unet`` in place, reconstruct it, write ``out_dir``; return report and timings.
 
@@ -339,6 +353,8 @@ def run_reconstruction(
     of an unfinished run (a rerun with the same configs, data and model resumes from them)
     and is removed at the end. On return ``unet`` is the final fake-quant model. The
     timings (``ReconResult.timings``) add ``seconds``, the wall time of this call.
+    ``timesteps``: the sampler's, in step order, for ``quant.act_timestep_groups`` > 1 (default:
+    those of the dump the calibration set was drawn from, ``calib.attrs``).
     """
     if not isinstance(calib, CalibrationSet):
         kind = type(calib).__name__
@@ -348,7 +364,10 @@ def run_reconstruction(
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     weights_hash = model_hash(unet)
     data_hash = calibration_hash(calib)
-    key = run_key(weights_hash, data_hash, quant_config, recon_config)
+    grouped = quant_config.act_timestep_groups > 1
+    if grouped and timesteps is None:
+        timesteps = sampler_timesteps(calib)
+    key = run_key(weights_hash, data_hash, quant_config, recon_config, timesteps if grouped else None)
     store = CheckpointStore(work_dir, key)
     logger.info("reconstruction %s (method %s), checkpoints in %s", key, recon_config.method, store.path)
 
@@ -357,7 +376,11 @@ def run_reconstruction(
         unet.to(dtype=torch.float32)
     unet.to(device).eval()
     model = quantize_model(
-        unet, quant_config, example_inputs=calib.model_inputs(slice(0, 1), device), inplace=True
+        unet,
+        quant_config,
+        example_inputs=calib.model_inputs(slice(0, 1), device),
+        inplace=True,
+        timesteps=timesteps,
     )
     result = reconstruct(model, calib, recon_config, device, store=store, callback=callback)
     report = {**result.report, "run_key": key}

@@ -4,8 +4,11 @@
 per quantizer (weights: ``{layer}.weight_quantizer[_0]``, activations:
 ``{layer}.act_quantizer[_0]``, ``{attention}.processor.act_quantizer_q/k/v/w``),
 ``{quantizer}.scale`` (float32; per output channel for weights, a scalar step for
-activations), ``{quantizer}.zero_point`` (int32) and ``{quantizer}.bits`` (int32). The float
-weights are not in it: they come from the model directory, whose hash the manifest records.
+activations), ``{quantizer}.zero_point`` (int32) and ``{quantizer}.bits`` (int32). With
+``quant.act_timestep_groups`` G > 1 an activation's scale and zero_point are [G], and
+``act_timestep_groups.boundaries`` (float64 [G - 1]) holds the timestep thresholds of the
+groups (``edadm.quant.timestep_groups``). The float weights are not in it: they come from the
+model directory, whose hash the manifest records.
 """
 
 from __future__ import annotations
@@ -30,13 +33,16 @@ from edadm.quant.attention import QuantAttnProcessor
 from edadm.quant.blocks import ModelLayout
 from edadm.quant.config import QuantConfig, ReconConfig
 from edadm.quant.layers import QuantLayer
-from edadm.quant.model import describe_units, quant_info, quant_layers, quantize_model
+from edadm.quant.model import INFO_ATTR, describe_units, quant_info, quant_layers, quantize_model
 from edadm.quant.quantizer import UniformAffineQuantizer
+from edadm.quant.timestep_groups import BOUNDARIES_KEY, TimestepGroups
 
 logger = logging.getLogger(__name__)
 
 SCHEMA = "edadm.quant"
-SCHEMA_VERSION = 2  # 2: quant.qkv_bits (q, k, v at the activation bits unless set), quant.split_conv1
+# 2: quant.qkv_bits (q, k, v at the activation bits unless set), quant.split_conv1,
+# quant.act_timestep_groups ([G] activation scales and the group boundaries)
+SCHEMA_VERSION = 2
 STAGE = "reconstruct"
 
 
@@ -46,8 +52,14 @@ STAGE = "reconstruct"
 def quant_state_dict(
     module: nn.Module, prefix: str = "", activations_only: bool = False
 ) -> dict[str, torch.Tensor]:
-    """The quantization state of ``module`` (names prefixed by ``prefix``), CPU tensors."""
+    """The quantization state of ``module`` (names prefixed by ``prefix``), CPU tensors.
+
+    The timestep group boundaries come with a whole quantized model (not with a part of it).
+    """
     state = {}
+    groups = _timestep_groups(module)
+    if groups is not None and groups.boundaries is not None:
+        state[BOUNDARIES_KEY] = groups.boundaries.clone()
     for name, m in module.named_modules(prefix=prefix):
         if isinstance(m, QuantLayer) and m.weight_int is not None and not activations_only:
             state[f"{name}.weight_int"] = m.weight_int.detach().cpu().clone()
@@ -68,9 +80,20 @@ def load_quant_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], stri
     Raises KeyError / ValueError naming the tensors that do not fit.
     """
     modules = dict(model.named_modules())
+    tensors = dict(tensors)
+    boundaries = tensors.pop(BOUNDARIES_KEY, None)
+    groups = _timestep_groups(model)
+    if boundaries is not None:
+        if groups is None:
+            raise KeyError(
+                f"the quant state has {BOUNDARIES_KEY} (timestep groups); the model has one set of "
+                "activation ranges (quant.act_timestep_groups=1)"
+            )
+        groups.set_boundaries(boundaries)
     if strict:
-        expected = set(quant_state_dict(model))
-        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        expected = set(quant_state_dict(model)) | ({BOUNDARIES_KEY} if groups is not None else set())
+        given = set(tensors) | ({BOUNDARIES_KEY} if boundaries is not None else set())
+        missing, unexpected = sorted(expected - given), sorted(given - expected)
         if missing or unexpected:
             raise KeyError(
                 f"quant state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
@@ -90,11 +113,22 @@ def load_quant_state(model: nn.Module, tensors: Mapping[str, torch.Tensor], stri
                 raise ValueError(
                     f"{name} has {module.bits} bits in the model, {int(values['bits'])} in the state"
                 )
+            if values["scale"].shape != module.scale.shape:
+                raise ValueError(
+                    f"{name}.scale is {tuple(values['scale'].shape)} in the state, "
+                    f"{tuple(module.scale.shape)} in the model (quant.act_timestep_groups differs?)"
+                )
             module.set_qparams(
                 values["scale"].to(module.scale.device), values["zero_point"].to(module.scale.device).float()
             )
         else:
             raise KeyError(f"quant state entries {sorted(values)} for {name!r} fit no quantizer of the model")
+
+
+def _timestep_groups(module: nn.Module) -> TimestepGroups | None:
+    """The groups of a whole quantized model (None for a part of one, or one set of ranges)."""
+    info = getattr(module, INFO_ATTR, None)
+    return None if info is None else info.timestep_groups
 
 
 def save_quant_state(model: nn.Module, path: str | Path) -> None:
@@ -172,7 +206,16 @@ def build_manifest(
         "unsupported": list(info.unsupported),
         "size": {"float_weight_bytes": float_bytes, "quantized_weight_bytes": int(quant_bytes)},
         "layout": info.layout.to_dict(),
+        **timestep_groups_entry(model),
     }
+
+
+def timestep_groups_entry(model: nn.Module) -> dict[str, Any]:
+    """``{"timestep_groups": {"groups", "boundaries"}}`` for a model with G > 1 groups, else {}."""
+    groups = quant_info(model).timestep_groups
+    if groups is None:
+        return {}
+    return {"timestep_groups": {"groups": groups.count, "boundaries": groups.boundaries.tolist()}}
 
 
 # ---------------------------------------------------------------------------------------------
