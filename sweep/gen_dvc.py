@@ -49,12 +49,23 @@ METHODS = {
     "random-brecq": ("random", "brecq", {}),
     # the official fixed radius alone (W4A8 only)
     "eda-dm-radius3": ("tdac-official", "fbr", {}),
+    # beyond the paper: activation ranges per group of 25 consecutive sampling steps
+    "naive-groups4": ("uniform", "none", {"quant.act_timestep_groups": "4"}),
+    "eda-dm-groups4": ("tdac", "fbr", {"quant.act_timestep_groups": "4"}),
 }
 CALIB_ONLY_METHODS = ["random-brecq", "eda-dm-radius3"]
 PAPER_BITS = [(8, 8), (4, 8)]
 # beyond the paper: where calibration and reconstruction matter more
 STRESS_BITS = [(4, 6), (4, 4), (3, 8)]
-STRESS_METHODS = ["naive", "q-diffusion", "eda-dm", "tdac-only", "eda-dm-official"]
+STRESS_METHODS = [
+    "naive",
+    "q-diffusion",
+    "eda-dm",
+    "tdac-only",
+    "eda-dm-official",
+    "naive-groups4",
+    "eda-dm-groups4",
+]
 CALIB_SEEDS = [0, 1, 2]  # calibration rules compared over seeds at W4A8
 FP_SEEDS = [0, 1, 2]  # the FP row's Frechet-distance noise floor
 # Tuning at W4A8 (seed 0): name -> (base method, reconstruct stage overrides), one knob changed
