@@ -7,9 +7,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_attn_unet, tiny_calib
+from tiny_models import fake_and_integer_samples, tiny_attn_unet, tiny_calib
 
-from edadm.diffusion.samples import SampleConfig, generate_samples, load_samples
+from edadm.diffusion.samples import SampleConfig
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.quant import QuantConfig, calibrate_activations, quantize_model
 from edadm.quant.integer import IntegerLayer, int_mm, onednn_available, to_integer
@@ -74,12 +74,7 @@ def test_to_integer_errors_name_the_fix() -> None:
 def test_integer_sampling_matches_fake_sampling(tmp_path, tiny_scheduler) -> None:
     model = calibrated(8, 8)
     sampler, config = SamplerConfig(steps=4), SampleConfig(n=4, batch_size=4)
-    cpu = torch.device("cpu")
-    generate_samples(model, tiny_scheduler, sampler, config, tmp_path / "fake.zarr", cpu)
-    to_integer(model)
-    generate_samples(model, tiny_scheduler, sampler, config, tmp_path / "int.zarr", cpu)
-    fake, _ = load_samples(tmp_path / "fake.zarr")
-    integer, _ = load_samples(tmp_path / "int.zarr")
+    fake, integer = fake_and_integer_samples(model, tiny_scheduler, sampler, config, tmp_path)
     assert np.abs(fake - integer).max() < 1e-3
 
 

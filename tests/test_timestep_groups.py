@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import quick_recon, tiny_attn_unet
+from tiny_models import fake_and_integer_samples, quick_recon, tiny_attn_unet
 
 from edadm.calib.calibration_set import CalibrationSet
 from edadm.config import ParamError, from_dict
-from edadm.diffusion.samples import SampleConfig, generate_samples, load_samples
+from edadm.diffusion.samples import SampleConfig
 from edadm.diffusion.sampling import SamplerConfig, sampling_timesteps
 from edadm.quant import (
     QuantConfig,
@@ -231,12 +231,7 @@ def test_integer_sampling_matches_fake_sampling(tmp_path, tiny_scheduler) -> Non
     model = quantize_model(tiny_attn_unet(), QuantConfig(act_timestep_groups=2), timesteps=timesteps)
     cycle = torch.tensor(timesteps).repeat(4)
     calibrate_activations(model, CalibrationSet(torch.randn(16, 1, 8, 8), cycle).batches(8, "cpu"))
-    cpu = torch.device("cpu")
-    generate_samples(model, tiny_scheduler, sampler, config, tmp_path / "fake.zarr", cpu)
-    to_integer(model)
-    generate_samples(model, tiny_scheduler, sampler, config, tmp_path / "int.zarr", cpu)
-    fake, _ = load_samples(tmp_path / "fake.zarr")
-    integer, _ = load_samples(tmp_path / "int.zarr")
+    fake, integer = fake_and_integer_samples(model, tiny_scheduler, sampler, config, tmp_path)
     assert np.abs(fake - integer).max() < 1e-3
 
 

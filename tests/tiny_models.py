@@ -7,7 +7,10 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from edadm.calib.calibration_set import CalibrationSet
+from edadm.diffusion.samples import SampleConfig, generate_samples, load_samples
+from edadm.diffusion.sampling import SamplerConfig
 from edadm.quant.config import ReconConfig
+from edadm.quant.integer import to_integer
 
 
 def tiny_cond_unet(seed: int = 0) -> UNet2DConditionModel:
@@ -65,3 +68,12 @@ def quick_recon(**overrides) -> ReconConfig:
         **overrides,
     }
     return ReconConfig(**params)
+
+
+def fake_and_integer_samples(model, scheduler, sampler: SamplerConfig, config: SampleConfig, tmp_path):
+    """Samples of a calibrated quantized model, fake-quantized, then on integer kernels (same seeds)."""
+    cpu = torch.device("cpu")
+    generate_samples(model, scheduler, sampler, config, tmp_path / "fake.zarr", cpu)
+    to_integer(model)
+    generate_samples(model, scheduler, sampler, config, tmp_path / "int.zarr", cpu)
+    return load_samples(tmp_path / "fake.zarr")[0], load_samples(tmp_path / "int.zarr")[0]
