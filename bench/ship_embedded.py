@@ -26,13 +26,12 @@ from typing import Any
 
 import torch
 
-from edadm.artifacts import ArtifactError, atomic_output, read_json, write_json
+from edadm.artifacts import ArtifactError, atomic_output, file_sha256, read_json, write_json
 from edadm.config import ParamError, as_dict, load_params, load_section, user_errors
 from edadm.diffusion.embedded import (
     EmbeddedConfig,
     build_embedded_scheduler,
     build_embedded_unet,
-    file_sha256,
     load_embedded_weights,
     shipped_weights_paths,
 )

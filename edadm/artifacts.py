@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -254,3 +255,12 @@ def describe_store(group: zarr.Group) -> list[str]:
         text = json.dumps(value, default=_json_default)
         lines.append(f"    {key}: {text if len(text) < 100 else text[:97] + '...'}")
     return lines
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB pieces)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for piece in iter(lambda: f.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()

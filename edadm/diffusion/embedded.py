@@ -13,7 +13,6 @@ recipe; ``bench/ship_embedded.py`` writes them): ``load_embedded_weights`` loads
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from edadm.artifacts import ArtifactError
+from edadm.artifacts import ArtifactError, file_sha256
 from edadm.config import ParamError, as_dict, check_range
 
 logger = logging.getLogger(__name__)
@@ -178,15 +177,6 @@ def shipped_weights_paths(weights_dir: str | Path | None = None) -> tuple[Path, 
     """The shipped weights file and its JSON description (in ``weights_dir``, default the package's)."""
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     return folder / f"{WEIGHTS_NAME}.safetensors", folder / f"{WEIGHTS_NAME}.json"
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def recipe_differences(config: EmbeddedConfig, recipe: dict[str, Any]) -> list[str]:

@@ -18,7 +18,6 @@ Outputs (input resized to 299x299, see ``FIDInceptionV3.extract``):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -243,15 +242,6 @@ class FIDInceptionV3(FeatureExtractor):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, 1008]``."""
         return self.extract(x).logits
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file (read in 1 MiB pieces)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for piece in iter(lambda: f.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
 
 
 def load_fid_inception(weights: str | Path | None, device: torch.device | str = "cpu") -> FIDInceptionV3:

@@ -34,13 +34,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from edadm.artifacts import ArtifactError, atomic_output, read_json, write_json
+from edadm.artifacts import ArtifactError, atomic_output, file_sha256, read_json, write_json
 from edadm.config import ParamError, as_dict, from_dict
 from edadm.data import digits_split
 from edadm.metrics.classifier import IMAGE_SIZE, ClassifierConfig, DigitsClassifier, train_classifier
 from edadm.metrics.extractors import FeatureExtractor, extract_all
 from edadm.metrics.frechet import feature_stats, frechet_distance
-from edadm.metrics.inception import WEIGHTS_PARAM, WEIGHTS_URL, file_sha256, load_fid_inception
+from edadm.metrics.inception import WEIGHTS_PARAM, WEIGHTS_URL, load_fid_inception
 from edadm.metrics.scores import inception_score
 
 logger = logging.getLogger(__name__)
