@@ -13,6 +13,8 @@ or a longer constant-rate run's, whose entries after ``train_steps`` are dropped
 Writes ``embedded_digits.safetensors`` (the UNet state dict in float16, deterministic bytes)
 and ``embedded_digits.json`` (sha256, recipe, train log, dtype, note) into ``--out``, then loads
 them back with ``load_embedded_weights``. Rerunning with the same inputs gives the same bytes.
+The class-conditional variant (``--recipe-set model.embedded.conditioning=class``) is written
+as ``embedded_digits_class.*`` beside them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 from edadm.artifacts import ArtifactError, atomic_output, file_sha256, read_json, write_json
 from edadm.config import ParamError, as_dict, load_params, load_section, user_errors
 from edadm.diffusion.embedded import (
+    NULL_LABEL,
     EmbeddedConfig,
     build_embedded_scheduler,
     build_embedded_unet,
@@ -88,8 +91,11 @@ def fp16_state_dict(model_dir: Path, recipe: EmbeddedConfig) -> dict[str, torch.
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((4, 1, recipe.image_size, recipe.image_size), generator=generator)
     t = torch.tensor([10, 250, 500, 990])
+    # the class model is probed with three digits and the null label, guidance's two passes
+    y = torch.tensor([0, 3, 7, NULL_LABEL]) if recipe.conditioning == "class" else None
     with torch.no_grad():
-        error = (unet.eval()(x, t).sample - rounded(x, t).sample).abs().max().item()
+        error = (unet.eval()(x, t, class_labels=y).sample - rounded(x, t, class_labels=y).sample).abs().max()
+    error = error.item()
     logger.info("float16 weights change the noise prediction by at most %.2e", error)
     return tensors
 
@@ -114,16 +120,17 @@ def ship(
 ) -> tuple[Path, Path]:
     """Write the float16 weights and their description into ``out``; return both paths."""
     tensors = fp16_state_dict(model_dir, recipe)
-    weights, description = shipped_weights_paths(out)
+    weights, description = shipped_weights_paths(out, recipe.conditioning)
     with atomic_output(weights) as tmp:
         save_safetensors(tensors, tmp, {"format": "pt"})
     sha = file_sha256(weights)
     if train_log is None:
         logger.warning("no --train-log: the shipped train_log has no loss curve")
         train_log = {"loss": [], "loss_steps": [], "steps": recipe.train_steps}
+    kind = "class-conditional " if recipe.conditioning == "class" else ""
     note = note or (
         f"EMA weights of {model_dir.name} ({recipe.train_steps} steps of train_embedded with the "
-        "recipe), cast to float16 by bench/ship_embedded.py"
+        f"{kind}recipe), cast to float16 by bench/ship_embedded.py"
     )
     meta = {
         "sha256": sha,

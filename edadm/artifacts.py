@@ -2,7 +2,9 @@
 
 Every store carries ``edadm_schema`` (what it is), ``schema_version`` and ``complete``
 attributes. A stage writes into a temporary sibling path and renames it into place only when
-it has finished, so a killed stage leaves the old artifact or none, never a half one.
+it has finished, so a killed stage leaves the old artifact or none, never a half one. Under
+torchrun the ranks write one store together (``shared_output``): rank 0 creates it, each rank
+writes its chunk-aligned region, rank 0 marks it complete and renames it.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
+
+if TYPE_CHECKING:  # only the type: a single-process stage never touches torch.distributed
+    from edadm.distributed import Dist
 
 
 class ArtifactError(RuntimeError):
@@ -67,6 +72,46 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         _remove(tmp)
 
 
+@contextlib.contextmanager
+def shared_output(path: str | Path, dist: Dist) -> Iterator[Path]:
+    """``atomic_output`` for a store that every rank of ``dist`` writes a region of.
+
+    Every rank gets the same temporary path (rank 0's, broadcast). Rank 0 alone cleans stale
+    temporaries, removes the temporary on an error and renames it into place on success; the
+    other ranks only write into it. The body follows one protocol:
+
+        with shared_output(path, dist) as tmp:
+            if dist.is_main:
+                ...  # create_store(tmp, ...) and every array
+            store = join_store(tmp, dist)  # a barrier: the store exists for every rank
+            ...  # each rank writes its region (writable_array)
+            dist.barrier()  # every region is written
+            if dist.is_main:
+                finish_store(store)
+
+    A rank killed on the way never reaches the last barrier, so the store is never marked
+    complete; torchrun ends the other ranks and the next run removes the temporary. With one
+    process this is ``atomic_output``.
+    """
+    if dist.is_main:
+        with atomic_output(path) as tmp:
+            dist.broadcast(str(tmp))
+            yield tmp
+    else:
+        yield Path(dist.broadcast(None))
+
+
+def join_store(path: str | Path, dist: Dist) -> zarr.Group:
+    """The store rank 0 has created at ``path``, opened for writing by every rank after a barrier."""
+    dist.barrier()
+    return zarr.open_group(store=str(path), mode="r+")
+
+
+def writable_array(group: zarr.Group, name: str) -> zarr.Array:
+    """``group[name]`` writing every chunk, as ``create_array`` made it (the setting is not stored)."""
+    return group[name].with_config({"write_empty_chunks": True})
+
+
 def _replace(src: Path, dst: Path) -> None:
     if dst.is_dir() and not dst.is_symlink():
         # os.replace cannot overwrite a non-empty directory: move the old one aside first.
@@ -92,17 +137,19 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 @contextlib.contextmanager
-def timed(path: str | Path) -> Iterator[dict[str, Any]]:
+def timed(path: str | Path, write: bool = True) -> Iterator[dict[str, Any]]:
     """Time the block and write ``{"seconds": ..., **details}`` to ``path`` when it succeeds.
 
     Timings never go into an artifact another stage reads (they would change its hash on every
     run); they go to ``metrics/timings/STAGE.json``, declared in dvc.yaml with ``cache: false``.
-    The yielded dict takes extra figures (e.g. seconds of a phase).
+    The yielded dict takes extra figures (e.g. seconds of a phase). ``write`` False times
+    without writing (ranks of torchrun other than 0: one writer per file).
     """
     details: dict[str, Any] = {}
     start = time.perf_counter()
     yield details
-    write_json(path, {"seconds": round(time.perf_counter() - start, 1), **details})
+    if write:
+        write_json(path, {"seconds": round(time.perf_counter() - start, 1), **details})
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], header: Sequence[str] = ()) -> None:

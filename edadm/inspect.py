@@ -37,16 +37,28 @@ def _is_model(path: Path) -> bool:
 
 
 def _describe_model(path: Path) -> list[str]:
-    from edadm.diffusion.loading import load_scheduler, load_unet
+    from edadm.diffusion.loading import load_diffusion_model
 
-    unet = load_unet(path, param="PATH")
-    scheduler = load_scheduler(path)
+    model = load_diffusion_model(path, param="PATH")
+    unet, scheduler, kind = model.unet, model.scheduler, model.kind
     n_params = sum(p.numel() for p in unet.parameters())
-    size_mb = sum(f.stat().st_size for f in path.rglob("*.safetensors")) / 2**20
-    lines = [
-        f"diffusion model: {path}",
-        f"  unet: {type(unet).__name__}, {n_params:,} parameters, {size_mb:.2f} MB on disk",
-    ]
+    size_mb = sum(f.stat().st_size for f in (path / "unet").rglob("*.safetensors")) / 2**20
+    lines = [f"diffusion model: {path}", f"  kind: {kind.name} (only the UNet is quantized)"]
+    if kind.condition == "class":
+        null = "none" if kind.null_class is None else kind.null_class
+        lines.append(
+            f"  classes: {kind.num_classes} (labels 0..{kind.num_classes - 1}); 'no class' label: {null}"
+        )
+    lines.append(f"  unet: {type(unet).__name__}, {n_params:,} parameters, {size_mb:.2f} MB on disk")
+    floats = {model.vae_folder: model.vae, "text_encoder": model.text_encoder}
+    for folder, part in floats.items():
+        if part is not None:
+            count = sum(p.numel() for p in part.parameters())
+            lines.append(f"  {folder}: {type(part).__name__}, {count:,} parameters (float)")
+    if model.tokenizer is not None:
+        lines.append(
+            f"  tokenizer: {type(model.tokenizer).__name__}, max length {model.tokenizer.model_max_length}"
+        )
     keys = (
         "sample_size",
         "in_channels",
@@ -72,7 +84,9 @@ def _describe_model(path: Path) -> list[str]:
         log = json.loads(train_log.read_text())
         if log.get("loss"):
             last = ", ".join(f"{v:.4f}" for v in log["loss"][-5:])
-            lines.append(f"  training: {log['steps']} steps in {log['seconds']} s; last losses {last}")
+            # the stage's time is in metrics/timings/model.json, not in its cached train.json
+            took = f" in {log['seconds']} s" if "seconds" in log else ""
+            lines.append(f"  training: {log['steps']} steps{took}; last losses {last}")
     return lines
 
 
@@ -189,6 +203,23 @@ def _describe_groups(groups: dict | None) -> list[str]:
     return [f"  activation ranges: {groups['groups']} timestep groups, boundaries {groups['boundaries']}"]
 
 
+def _describe_conditioning(conditioning: dict | None) -> list[str]:
+    """The forward's conditioning inputs (``edadm.quant.blocks.conditioning``), for conditional UNets."""
+    if not conditioning:
+        return []
+    parts = []
+    text = conditioning.get("encoder_hidden_states")
+    if text:
+        parts.append(f"encoder_hidden_states [B, L, {text['dim']}] (cross-attention k / v)")
+    labels = conditioning.get("class_labels")
+    if labels:
+        if labels.get("class_embed_type"):
+            parts.append(f"class_labels [B] ({labels['class_embed_type']} class embedding)")
+        else:
+            parts.append(f"class_labels [B] in 0..{labels['num_class_embeds'] - 1} (embedding kept in float)")
+    return [f"  conditioning: {', '.join(parts)}"]
+
+
 def _describe_quant(path: Path) -> list[str]:
     manifest = json.loads((path / "manifest.json").read_text())
     quant, recon, size = manifest["quant"], manifest["recon"], manifest["size"]
@@ -201,6 +232,7 @@ def _describe_quant(path: Path) -> list[str]:
         f"{size['quantized_weight_bytes'] / 2**20:.2f} MB "
         f"at their bit-widths; state.safetensors {state.stat().st_size / 2**20:.2f} MB",
     ]
+    lines += _describe_conditioning(manifest.get("conditioning"))  # absent in older manifests
     lines += _describe_groups(manifest.get("timestep_groups"))
     if manifest.get("unsupported"):
         lines.append(f"  left in float (unsupported): {', '.join(manifest['unsupported'])}")
@@ -226,7 +258,8 @@ def _describe_quant(path: Path) -> list[str]:
         lines.append(f"  {unit['name']:<34} {unit['kind']:<6} {losses}  {layers}")
     for name, bits in manifest.get("attention", {}).items():
         qkv, softmax = bits["qkv_bits"], bits["softmax_bits"]
-        lines.append(f"  attention {name}: q, k, v at {qkv} bit, softmax at {softmax} bit")
+        cross = " (cross-attention)" if bits.get("cross_attention") else ""
+        lines.append(f"  attention {name}{cross}: q, k, v at {qkv} bit, softmax at {softmax} bit")
     return lines
 
 
@@ -239,6 +272,7 @@ def _describe_safetensors(path: Path) -> list[str]:
     """An ``edadm export`` file in full; any other safetensors file by its tensors and metadata."""
     from safetensors import SafetensorError, safe_open
 
+    from edadm.quant.blocks import conditioning
     from edadm.quant.export import EXPORT_SCHEMA, export_summary
 
     try:
@@ -267,6 +301,7 @@ def _describe_safetensors(path: Path) -> list[str]:
         f"({100 * summary['file_bytes'] / summary['fp32_bytes']:.1f} %); "
         f"packed weights {summary['packed_weight_bytes'] / 2**20:.2f} MB",
     ]
+    lines += _describe_conditioning(conditioning(summary["model_config"]))
     lines += _describe_groups(summary.get("timestep_groups"))
     lines += [f"  {key}: {_short(value)}" for key, value in summary["extra"].items()]
     return lines

@@ -1,6 +1,7 @@
 """Stage `dump`: full-precision trajectories and TDAC feature maps (METHOD.md section 1).
 
-Output: artifacts/trajectories.zarr (x [T, N, C, H, W], t [T], x0, features [T, B, C', h', w']);
+Output: artifacts/trajectories.zarr (x [T, N, C, H, W], t [T], x0, features [T, B, C', h', w'],
+and each trajectory's condition for conditional models, drawn with params ``condition``);
 the stage's time goes to metrics/timings/dump.json.
 """
 
@@ -11,7 +12,8 @@ import click
 from edadm.artifacts import timed
 from edadm.calib.selection import SelectConfig
 from edadm.config import load_section, params_options
-from edadm.diffusion.loading import load_scheduler, load_unet
+from edadm.diffusion.conditioning import ConditionConfig, Conditioning
+from edadm.diffusion.loading import load_diffusion_model
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.diffusion.trajectories import DumpConfig, dump_trajectories
 from edadm.runtime import configure_logging, load_device
@@ -28,9 +30,12 @@ def main(params: dict, model_dir: str, out: str, timings: str) -> None:
     sampler_config = load_section(SamplerConfig, "sampler", params)
     feature_layer = load_section(SelectConfig, "select", params).tdac.feature_layer
     device = load_device(params)
-    unet = load_unet(model_dir, param="the model stage's output")
+    model = load_diffusion_model(model_dir, param="the model stage's output").to(device)
+    conditioning = Conditioning(model, load_section(ConditionConfig, "condition", params))
     with timed(timings):
-        dump_trajectories(unet, load_scheduler(model_dir), sampler_config, config, feature_layer, out, device)
+        dump_trajectories(
+            model.unet, model.scheduler, sampler_config, config, feature_layer, out, device, conditioning
+        )
 
 
 if __name__ == "__main__":

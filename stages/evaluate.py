@@ -1,19 +1,25 @@
 """Stage `evaluate`: the quantized model's samples against real data and against FP.
 
 Inputs: artifacts/reference, artifacts/samples/{fp,quant}.zarr; params: device, evaluate (how
-the samples are scored) and the labels of the row. Outputs: metrics/eval.json
-(DVC metrics: fd, sfid, is, precision, recall for FP and quantized, and the paired fd_vs_fp,
-mse and psnr), plots/samples_fp_vs_quant.png (same seeds side by side).
+the samples are scored), reference.clip_path (the CLIP model of text-to-image scores) and the
+labels of the row. Outputs: metrics/eval.json (DVC metrics: fd, sfid, is, precision, recall for
+FP and quantized, and the paired fd_vs_fp, mse, psnr and ssim_vs_fp; class_consistency and its
+per-class figures for class-conditional models, clip_score for text-to-image models),
+plots/samples_fp_vs_quant.png (same seeds side by side).
 """
 
 from __future__ import annotations
 
+import functools
+
 import click
 
-from edadm.artifacts import write_json
+from edadm.artifacts import ArtifactError, write_json
 from edadm.config import load_section, params_options
 from edadm.diffusion.samples import load_samples
+from edadm.metrics.conditions import check_same_conditions, sample_conditions
 from edadm.metrics.evaluation import EvaluateConfig, evaluate_samples
+from edadm.metrics.reference import ReferenceConfig
 from edadm.plots import save_grids_side_by_side
 from edadm.runtime import configure_logging, load_device
 
@@ -32,27 +38,35 @@ GRID = 64
 def main(params: dict, reference_dir: str, fp_path: str, quant_path: str, out: str, grid: str) -> None:
     configure_logging()
     config = load_section(EvaluateConfig, "evaluate", params)
+    clip_path = load_section(ReferenceConfig, "reference", params).clip_path
     device = load_device(params)
     fp_images, fp_seeds = load_samples(fp_path, "sample_fp")
+    fp_conditions = sample_conditions(fp_path, "sample_fp")
+
+    # Both rows are scored alike: one reference, the same conditions (checked below), one CLIP model.
+    evaluate = functools.partial(
+        evaluate_samples,
+        reference_dir=reference_dir,
+        conditions=fp_conditions,
+        clip_path=clip_path,
+        config=config,
+        device=device,
+    )
+
     if quant_path == "none":  # the sweep's FP rows at other seeds: the noise floor of the table
-        write_json(
-            out,
-            {
-                "w_bits": 32,
-                "a_bits": 32,
-                "method": "fp",
-                "fp": evaluate_samples(fp_images, reference_dir, config=config, device=device),
-            },
-        )
+        write_json(out, {"w_bits": 32, "a_bits": 32, "method": "fp", "fp": evaluate(fp_images)})
         return
     quant_images, quant_seeds = load_samples(quant_path, "sample_quant")
     if fp_seeds.shape != quant_seeds.shape or (fp_seeds != quant_seeds).any():
-        raise ValueError(
-            f"{fp_path} and {quant_path} were sampled from different seeds: rerun both sample stages"
+        raise ArtifactError(
+            f"{fp_path} and {quant_path} were sampled from different seeds: rerun both sample stages "
+            "(`dvc repro sample_fp sample_quant`)"
         )
+    # Paired metrics compare image k with image k: both must also have asked for the same thing.
+    check_same_conditions(fp_conditions, sample_conditions(quant_path, "sample_quant"), fp_path, quant_path)
 
-    fp = evaluate_samples(fp_images, reference_dir, config=config, device=device)
-    quant = evaluate_samples(quant_images, reference_dir, fp_images, config=config, device=device)
+    fp = evaluate(fp_images)
+    quant = evaluate(quant_images, fp_samples=fp_images)
     quant_params = params.get("quant", {})
     write_json(
         out,

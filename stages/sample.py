@@ -12,7 +12,8 @@ import click
 
 from edadm.artifacts import timed
 from edadm.config import load_section, params_options
-from edadm.diffusion.loading import load_scheduler, load_unet, scheduler_from_config
+from edadm.diffusion.conditioning import ConditionConfig, Conditioning
+from edadm.diffusion.loading import load_diffusion_model, scheduler_from_config
 from edadm.diffusion.samples import SampleConfig, generate_samples
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.runtime import configure_logging, load_device
@@ -41,9 +42,12 @@ def main(
     config = load_section(SampleConfig, "sample", params)
     sampler_config = load_section(SamplerConfig, "sampler", params)
     device = load_device(params)
+    # the FP model's float parts (VAE, text encoder) serve the quantized UNet too
+    model = load_diffusion_model(model_dir, param="the model stage's output").to(device)
+    conditioning = Conditioning(model, load_section(ConditionConfig, "condition", params))
     scheduler = None
     if which == "fp":
-        unet = load_unet(model_dir, param="the model stage's output")
+        unet = model.unet
         attrs = {"model": "fp"}
     else:
         from edadm.quant import load_exported, load_quant_model
@@ -65,13 +69,15 @@ def main(
     with timed(timings or f"metrics/timings/sample_{which}.json"):
         generate_samples(
             unet,
-            scheduler or load_scheduler(model_dir),
+            scheduler or model.scheduler,
             sampler_config,
             config,
             out,
             device,
             attrs,
             desc=f"sample {which}",
+            conditioning=conditioning,
+            decode=model.decode if model.vae is not None else None,
         )
 
 

@@ -12,7 +12,13 @@ import numpy as np
 
 from edadm.artifacts import read_array
 from edadm.calib.selection import SelectConfig, choose_calibration
-from edadm.calib.store import gather_inputs, open_trajectories, write_calibration, write_step_table
+from edadm.calib.store import (
+    calibration_rows,
+    gather_inputs,
+    open_trajectories,
+    write_calibration,
+    write_step_table,
+)
 from edadm.config import as_dict, load_section, params_options
 from edadm.runtime import configure_logging
 
@@ -38,9 +44,10 @@ def main(params: dict, trajectories: str, out: str, table: str) -> None:
         features = read_array(store, "features", trajectories, "dump")
     selection = choose_calibration(config, n_steps, n_traj, features, timesteps)
 
-    x = gather_inputs(store, selection.traj, selection.step)
+    traj, step, conditioning = calibration_rows(store, selection.traj, selection.step)
+    x = gather_inputs(store, traj, step)
     attrs = {"select": as_dict(config), "radius": selection.radius, "dump": dict(store.attrs)}
-    write_calibration(out, x, timesteps, selection.traj, selection.step, selection.per_step, attrs)
+    write_calibration(out, x, timesteps, traj, step, selection.per_step, attrs, conditioning)
     write_step_table(table, timesteps, selection.per_step)
     logger.info(
         "selected %d samples from %d steps (%s)",

@@ -9,6 +9,7 @@ import pytest
 
 from edadm.calib.selection import SelectConfig
 from edadm.config import ParamError, as_dict, from_dict, load_params, load_section
+from edadm.diffusion.conditioning import ConditionConfig
 from edadm.diffusion.loading import ModelConfig
 from edadm.diffusion.samples import SampleConfig
 from edadm.diffusion.sampling import SamplerConfig
@@ -23,6 +24,7 @@ SECTIONS = {
     "model": ModelConfig,
     "reference": ReferenceConfig,
     "sampler": SamplerConfig,
+    "condition": ConditionConfig,
     "dump": DumpConfig,
     "select": SelectConfig,
     "quant": QuantConfig,

@@ -26,7 +26,14 @@ from edadm.diffusion.embedded import (
     shipped_weights_paths,
     train_embedded,
 )
-from edadm.diffusion.loading import ModelConfig, load_scheduler, load_unet, model_hash, save_model
+from edadm.diffusion.loading import (
+    DiffusionModel,
+    ModelConfig,
+    load_scheduler,
+    load_unet,
+    model_hash,
+    save_model,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,10 +111,11 @@ def test_a_changed_recipe_is_a_param_error_naming_the_key_and_both_values():
 def test_the_model_stage_trains_with_source_train_and_loads_with_source_embedded(tiny_config):
     stage = _script(ROOT / "stages" / "model.py")
     tiny = dataclasses.replace(tiny_config, train_steps=6, log_every=3)
-    unet, _, log = stage.build_model(ModelConfig(source="train", embedded=tiny), torch.device("cpu"))
+    model, log = stage.build_model(ModelConfig(source="train", embedded=tiny), torch.device("cpu"))
     assert log["source"] == "train" and log["steps"] == 6 and log["loss_steps"] == [3, 6]
-    assert tuple(unet.config.block_out_channels) == tiny.block_out_channels
-    unet, _, log = stage.build_model(ModelConfig(embedded=_shipped_recipe()), torch.device("cpu"))
+    assert tuple(model.unet.config.block_out_channels) == tiny.block_out_channels
+    assert model.kind.name == "unconditional pixel"
+    model, log = stage.build_model(ModelConfig(embedded=_shipped_recipe()), torch.device("cpu"))
     assert log["source"] == "embedded (shipped weights)"
     assert from_dict(ModelConfig, {"source": "train"}, "model").source == "train"
     with pytest.raises(ParamError, match="model.source"):
@@ -116,7 +124,7 @@ def test_the_model_stage_trains_with_source_train_and_loads_with_source_embedded
 
 def test_ship_embedded_writes_files_the_loader_accepts(tmp_path, tiny_config, tiny_unet, tiny_scheduler):
     ship = _script(ROOT / "bench" / "ship_embedded.py")
-    save_model(tiny_unet, tiny_scheduler, tmp_path / "model")
+    save_model(DiffusionModel(tiny_unet, tiny_scheduler), tmp_path / "model")
     (tmp_path / "train.json").write_text(
         json.dumps({"loss": [1.0, 0.9, 0.8], "loss_steps": [2, 4, 6], "steps": 6, "model_hash": "x"})
     )
@@ -171,7 +179,7 @@ def test_a_few_training_steps_lower_the_loss_and_are_reproducible(tiny_config):
 
 
 def test_save_load_round_trip_is_exact(tmp_path, tiny_unet, tiny_scheduler):
-    save_model(tiny_unet, tiny_scheduler, tmp_path / "model")
+    save_model(DiffusionModel(tiny_unet, tiny_scheduler), tmp_path / "model")
     assert (tmp_path / "model" / "model_index.json").exists()
     loaded = load_unet(tmp_path / "model")
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])

@@ -88,14 +88,13 @@ def _untracked(folder: str, names: list[str]) -> set[str]:
     return skip & set(names)
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    repo = tmp_path_factory.mktemp("pipeline")
+def _make_repo(repo: Path, params: dict) -> Path:
+    """A git + DVC repository holding the pipeline, the library and ``params`` as params.yaml."""
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
     for name in ("stages", "edadm", "sweep"):
         shutil.copytree(ROOT / name, repo / name, ignore=_untracked)
-    shutil.copy(PROFILE, repo / "params.yaml")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / "sweep" / "params.yaml").write_text("sample_n: 64\n")  # the sweep's rows at the tiny size
     _run(["git", "init", "-q"], repo)
     _run(["git", "config", "user.email", "test@example.com"], repo)
@@ -105,6 +104,20 @@ def repo(tmp_path_factory) -> Path:
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-qm", "pipeline"], repo)
     return repo
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    return _make_repo(tmp_path_factory.mktemp("pipeline"), yaml.safe_load(PROFILE.read_text()))
+
+
+@pytest.fixture(scope="module")
+def class_repo(tmp_path_factory) -> Path:
+    """The tiny profile on the class-conditional embedded variant (guidance: the paper's 3.0)."""
+    params = yaml.safe_load(PROFILE.read_text())
+    params["model"]["embedded"]["conditioning"] = "class"
+    params["sample"]["n"] = 32
+    return _make_repo(tmp_path_factory.mktemp("class_pipeline"), params)
 
 
 def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
@@ -273,3 +286,24 @@ def test_sweep_runs_one_comparison_row_and_builds_the_results_table(repo):
         "n",
     }
     assert rows[1]["w_bits"] == 4 and rows[1]["a_bits"] == 8 and rows[1]["n"] == 64
+
+
+def test_repro_of_a_class_conditional_model_with_guidance(class_repo):
+    dvc = [sys.executable, "-m", "dvc"]
+    _run([*dvc, "repro"], class_repo)
+    assert "kind: class-conditional" in _run(
+        [sys.executable, "-m", "edadm.cli", "inspect", "artifacts/model"], class_repo
+    )
+    metrics = json.loads((class_repo / "metrics" / "eval.json").read_text())
+    for row in ("fp", "quant"):
+        assert 0.0 <= metrics[row]["class_consistency"] <= 1.0
+        assert set(metrics[row]["class_consistency_per_class"]) <= {str(label) for label in range(10)}
+    assert 0.0 < metrics["quant"]["ssim_vs_fp"] <= 1.0
+    calib = _run([sys.executable, "-m", "edadm.cli", "inspect", "artifacts/calib.zarr"], class_repo)
+    assert "class_labels" in calib and "condition" in calib
+
+    # Guidance changes what the UNet sees: everything from the dump on, not the model or the reference.
+    changed = _run([*dvc, "exp", "run", "-S", "condition.guidance_scale=1.0"], class_repo)
+    ran = _stages_run(changed)
+    assert {"dump", "select", "reconstruct", "sample_fp", "sample_quant", "evaluate"} <= ran, ran
+    assert not {"model", "reference"} & ran, ran

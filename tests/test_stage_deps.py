@@ -2,6 +2,7 @@
 
 The imports are read from the source (``ast``), transitively, including imports inside
 functions, so a stage that starts to use another module fails here until dvc.yaml lists it.
+Imports under ``if TYPE_CHECKING:`` never run and are left out.
 ``python tests/test_stage_deps.py`` prints each stage's deps as they should read.
 """
 
@@ -33,7 +34,16 @@ def _imported_modules(path: Path) -> set[str]:
     rel = path.relative_to(ROOT).with_suffix("")
     package = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
     found: set[str] = set()
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+        for stmt in node.body
+        for inner in ast.walk(stmt)
+    }
     for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):

@@ -13,12 +13,13 @@ from edadm.quant.config import ReconConfig
 from edadm.quant.integer import to_integer
 
 
-def tiny_cond_unet(seed: int = 0) -> UNet2DConditionModel:
+def tiny_cond_unet(seed: int = 0, channels: int = 2) -> UNet2DConditionModel:
+    """Cross-attention down and up, 8-d text features: a Stable Diffusion UNet in miniature."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=8,
-        in_channels=2,
-        out_channels=2,
+        in_channels=channels,
+        out_channels=channels,
         block_out_channels=(8, 16),
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -29,20 +30,27 @@ def tiny_cond_unet(seed: int = 0) -> UNet2DConditionModel:
     ).eval()
 
 
-def tiny_attn_unet(seed: int = 0) -> UNet2DModel:
+def tiny_attn_unet(seed: int = 0, channels: int = 1, **config) -> UNet2DModel:
     """Two resolutions, attention in the down and up path: every unit kind of METHOD.md 3, in seconds."""
     torch.manual_seed(seed)
     return UNet2DModel(
         sample_size=8,
-        in_channels=1,
-        out_channels=1,
+        in_channels=channels,
+        out_channels=channels,
         block_out_channels=(8, 16),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=4,
         attention_head_dim=8,
+        **config,
     ).eval()
+
+
+def tiny_class_unet(seed: int = 0) -> UNet2DModel:
+    """tiny_attn_unet with 4 class embeddings (an nn.Embedding added to the time embedding);
+    label 3 is the null class of classifier-free guidance."""
+    return tiny_attn_unet(seed, num_class_embeds=4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,11 @@ A converged model takes thousands of steps (half an hour on 2 cores), so the pac
 weights (``weights/embedded_digits.safetensors``, float16, with a JSON of its sha256 and
 recipe; ``bench/ship_embedded.py`` writes them): ``load_embedded_weights`` loads them and
 ``train_embedded`` trains the recipe from scratch (``model.source: train``).
+
+``conditioning: class`` is the class-conditional variant for classifier-free guidance (Ho &
+Salimans 2022): the same UNet with a class embedding of ``NUM_CLASSES + 1`` rows, the digits
+0..9 and ``NULL_LABEL`` (no class), trained with a ``label_dropout`` share of labels replaced
+by ``NULL_LABEL``. Its weights are ``weights/embedded_digits_class.*``.
 """
 
 from __future__ import annotations
@@ -35,9 +40,14 @@ from edadm.config import ParamError, as_dict, check_range
 logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-WEIGHTS_NAME = "embedded_digits"
+# One shipped file pair per conditioning: the variants are different models.
+WEIGHTS_NAMES = {"none": "embedded_digits", "class": "embedded_digits_class"}
 # Recipe fields that do not change the weights: a mismatch there is no reason to retrain.
 RECIPE_IGNORED = frozenset({"log_every"})
+
+NUM_CLASSES = 10  # the digits 0..9
+# The "no class" label: what the unconditional pass of classifier-free guidance is given.
+NULL_LABEL = NUM_CLASSES
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,11 @@ class EmbeddedConfig:
     image_size: int = 16
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     num_train_timesteps: int = 1000
+    # none: unconditional; class: labels 0..9 and NULL_LABEL, for classifier-free guidance
+    conditioning: Literal["none", "class"] = "none"
+    # class only: the share of training labels replaced by NULL_LABEL, so that one model also
+    # learns the unconditional eps guidance needs (Ho & Salimans 2022 use 0.1 to 0.2)
+    label_dropout: float = 0.1
     seed: int = 0
     log_every: int = 50
 
@@ -65,6 +80,12 @@ class EmbeddedConfig:
         check_range("model.embedded.lr", self.lr, 0.0)
         check_range("model.embedded.ema_decay", self.ema_decay, 0.0, 1.0)
         check_range("model.embedded.warmup_steps", self.warmup_steps, 0)
+        check_range("model.embedded.label_dropout", self.label_dropout, 0.0, 1.0)
+        if self.conditioning == "class" and self.label_dropout == 1.0:
+            raise ParamError(
+                "model.embedded.label_dropout=1 replaces every label by the null label: the class model "
+                "would never see a class; use a value below 1 (0.1 is the usual one)"
+            )
         if len(self.block_out_channels) != 3:
             raise ParamError("model.embedded.block_out_channels must list 3 widths (one per resolution)")
         if self.image_size % 4:
@@ -72,7 +93,11 @@ class EmbeddedConfig:
 
 
 def build_embedded_unet(config: EmbeddedConfig = EmbeddedConfig()) -> UNet2DModel:
-    """The embedded default architecture (random weights)."""
+    """The embedded default architecture (random weights).
+
+    With ``conditioning: class`` it takes ``class_labels`` [B] in 0..NULL_LABEL, added to the time
+    embedding (diffusers' ``num_class_embeds``); otherwise it takes none.
+    """
     return UNet2DModel(
         sample_size=config.image_size,
         in_channels=1,
@@ -83,6 +108,7 @@ def build_embedded_unet(config: EmbeddedConfig = EmbeddedConfig()) -> UNet2DMode
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
         attention_head_dim=config.block_out_channels[1] // 2,  # two heads at every width
+        num_class_embeds=NUM_CLASSES + 1 if config.conditioning == "class" else None,
     )
 
 
@@ -108,20 +134,54 @@ def _lr_factor(step: int, config: EmbeddedConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def drop_labels(labels: torch.Tensor, dropout: float, generator: torch.Generator) -> torch.Tensor:
+    """``labels`` [B] with each one replaced by ``NULL_LABEL`` with probability ``dropout``.
+
+    Classifier-free guidance's training (Ho & Salimans 2022, Algorithm 1): the model learns the
+    unconditional eps from the dropped examples. The draw comes from ``generator`` (CPU).
+    """
+    dropped = torch.rand(labels.shape, generator=generator) < dropout
+    return torch.where(dropped, torch.full_like(labels, NULL_LABEL), labels)
+
+
+def _check_labels(
+    labels: np.ndarray | None, images: np.ndarray, config: EmbeddedConfig
+) -> torch.Tensor | None:
+    """The training labels as a tensor [N] for the class model, None for the unconditional one."""
+    if config.conditioning == "none":
+        return None
+    if labels is None:
+        raise ValueError(
+            "model.embedded.conditioning=class trains on labelled digits: pass train_embedded the labels "
+            "(edadm.data.digits_split returns them)"
+        )
+    labels = np.asarray(labels)
+    if labels.shape != (len(images),):
+        raise ValueError(f"labels must be [N] = [{len(images)}], one per image; got shape {labels.shape}")
+    if labels.min() < 0 or labels.max() >= NUM_CLASSES:
+        raise ValueError(
+            f"labels must lie in 0..{NUM_CLASSES - 1} (the digits); got {labels.min()}..{labels.max()}"
+        )
+    return torch.from_numpy(labels.astype(np.int64))
+
+
 def train_embedded(
     images: np.ndarray,
     config: EmbeddedConfig,
     device: torch.device,
     snapshot_steps: Sequence[int] = (),
     on_snapshot: Callable[[int, UNet2DModel], None] | None = None,
+    labels: np.ndarray | None = None,
 ) -> tuple[UNet2DModel, DDPMScheduler, dict]:
     """Train the embedded UNet on ``images`` [N, 1, H, W] in [-1, 1] with the DDPM loss.
 
+    ``labels`` [N] (digits 0..9) are needed with ``conditioning: class`` and ignored otherwise.
     Returns the EMA weights (what gets saved and sampled), the scheduler, and a training log
     ``{"loss": [...], "loss_steps": [...], "steps": ...}`` (no timings: it is an artifact).
     ``on_snapshot(step, ema)`` is called after each of ``snapshot_steps`` (a training curve
     from one run; with ``lr_schedule: constant`` each snapshot is a shorter run's model).
     """
+    class_labels = _check_labels(labels, images, config)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     unet = build_embedded_unet(config).to(device)
@@ -141,10 +201,14 @@ def train_embedded(
         x0 = data[index].to(device)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         t = torch.randint(0, config.num_train_timesteps, (config.batch_size,), generator=generator).to(device)
+        # the label dropout draws after the rest, so the unconditional recipe's stream is unchanged
+        y = None
+        if class_labels is not None:
+            y = drop_labels(class_labels[index], config.label_dropout, generator).to(device)
         # 2. forward diffusion q(x_t | x_0) and the epsilon-prediction loss (Ho et al. eq. 14)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(x_t, t).sample, noise)
+        loss = F.mse_loss(unet(x_t, t, class_labels=y).sample, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -173,18 +237,30 @@ def train_embedded(
     return ema.cpu(), scheduler, log
 
 
-def shipped_weights_paths(weights_dir: str | Path | None = None) -> tuple[Path, Path]:
-    """The shipped weights file and its JSON description (in ``weights_dir``, default the package's)."""
+def shipped_weights_paths(
+    weights_dir: str | Path | None = None, conditioning: str = "none"
+) -> tuple[Path, Path]:
+    """The shipped weights file and its JSON description for ``conditioning`` (none | class), in
+    ``weights_dir`` (default the package's)."""
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-    return folder / f"{WEIGHTS_NAME}.safetensors", folder / f"{WEIGHTS_NAME}.json"
+    name = WEIGHTS_NAMES[conditioning]
+    return folder / f"{name}.safetensors", folder / f"{name}.json"
 
 
 def recipe_differences(config: EmbeddedConfig, recipe: dict[str, Any]) -> list[str]:
-    """``key: params X, shipped Y`` for each recipe field where ``config`` differs from ``recipe``."""
+    """``key: params X, shipped Y`` for each recipe field where ``config`` differs from ``recipe``.
+
+    A field the shipped recipe lacks was added after those weights were made, with a default
+    that keeps the old behaviour: it counts as that default.
+    """
     given = as_dict(config)
+    defaults = as_dict(EmbeddedConfig())
+    ignored = set(RECIPE_IGNORED)
+    if config.conditioning == "none":
+        ignored.add("label_dropout")  # no labels, nothing to drop: the weights do not depend on it
     out = []
-    for key in sorted((set(given) | set(recipe)) - RECIPE_IGNORED):
-        ours, theirs = given.get(key, "<missing>"), recipe.get(key, "<missing>")
+    for key in sorted((set(given) | set(recipe)) - ignored):
+        ours, theirs = given.get(key, "<missing>"), recipe.get(key, defaults.get(key, "<missing>"))
         if ours != theirs:
             out.append(f"model.embedded.{key}: params {ours!r}, shipped {theirs!r}")
     return out
@@ -195,16 +271,28 @@ def load_embedded_weights(
 ) -> tuple[UNet2DModel, DDPMScheduler, dict]:
     """The shipped embedded model (``model.source: embedded``), checked against its sha256 and recipe.
 
+    ``config.conditioning`` picks the file pair (``shipped_weights_paths``): the unconditional
+    weights ship with the package; the class-conditional ones exist once someone has trained
+    and shipped them (``bench/ship_embedded.py``), and are an ArtifactError saying so before.
     Returns the UNet (float32), the scheduler and the shipped training log plus ``source`` and
     ``weights_sha256``. A damaged file is an ArtifactError; ``config`` (params ``model.embedded``)
     other than the recipe the weights were trained with is a ParamError (the weights would not
     be the model the params describe).
     """
-    weights, description = shipped_weights_paths(weights_dir)
-    fix = f"reinstall edadm or `git checkout -- {weights.parent}`, or use model.source: train"
+    weights, description = shipped_weights_paths(weights_dir, config.conditioning)
+    if config.conditioning == "class":
+        what = "class-conditional embedded weights"
+        fix = (
+            "train the class model instead with model.source: train, or ship a trained one's weights "
+            "with `python bench/ship_embedded.py MODEL_DIR --recipe-set model.embedded.conditioning=class "
+            f"--out {weights.parent}`"
+        )
+    else:
+        what = "embedded weights"
+        fix = f"reinstall edadm or `git checkout -- {weights.parent}`, or use model.source: train"
     for path in (weights, description):
         if not path.exists():
-            raise ArtifactError(f"the shipped embedded weights {path} are missing: {fix}")
+            raise ArtifactError(f"the shipped {what} {path} are missing: {fix}")
     try:
         meta = json.loads(description.read_text())
         expected, recipe, train_log = meta["sha256"], meta["recipe"], meta["train_log"]

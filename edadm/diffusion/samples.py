@@ -4,15 +4,19 @@ Image k starts from noise drawn with seed ``sample.seed * SEED_STRIDE + k``, wha
 batch size, so the FP and the quantized model denoise exactly the same x_T (paired samples)
 and the FP row can be redrawn at other seeds for the noise floor.
 
-Layout of a samples store: images [n, C, H, W] float32 in [-1, 1], seeds [n] int64.
+Layout of a samples store: images [n, C, H, W] float32 in [-1, 1], seeds [n] int64, and for
+conditional models conditions [n] int64, image k's condition index (into the attrs'
+``condition.labels`` or ``condition.prompts``), drawn from its seed as the dump draws them.
+Latent models' images are the float VAE's decoding of the sampled latents.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -30,6 +34,9 @@ from edadm.artifacts import (
 )
 from edadm.config import check_range
 from edadm.diffusion.sampling import SamplerConfig, sample
+
+if TYPE_CHECKING:  # the evaluate stage reads sample stores without the models' code
+    from edadm.diffusion.conditioning import Conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -70,27 +77,52 @@ def generate_samples(
     device: torch.device,
     attrs: dict[str, Any] | None = None,
     desc: str = "sample",
+    *,
+    conditioning: Conditioning | None = None,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
-    """Sample ``config.n`` images and write them to the samples store ``out_path`` atomically."""
+    """Sample ``config.n`` images and write them to the samples store ``out_path`` atomically.
+
+    ``unet``: the FP or the quantized UNet. ``conditioning``: what a conditional model is
+    conditioned on (the FP model's text encoder made its embeddings). ``decode``: latents to
+    images (``DiffusionModel.decode``: the float VAE) for latent models.
+    """
     unet = unet.to(device).eval()
     size = unet.config.sample_size
     shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
     seeds = config.seed * SEED_STRIDE + np.arange(config.n, dtype=np.int64)
+    conditional = conditioning is not None and conditioning.kind != "none"
+    conditions = conditioning.draw(seeds) if conditional else None
+    store_attrs = {"sample": config.__dict__, "sampler": sampler_config.__dict__, **(attrs or {})}
+    store_attrs["condition"] = conditioning.attrs() if conditional else None
     with atomic_output(out_path) as tmp:
-        store = create_store(
-            tmp, SAMPLES, {"sample": config.__dict__, "sampler": sampler_config.__dict__, **(attrs or {})}
-        )
-        images = create_array(
-            store, "images", (config.n, *shape), np.float32, chunks=(config.batch_size, *shape)
-        )
+        store = create_store(tmp, SAMPLES, store_attrs)
+        images = None  # created at the first batch: a latent model's image shape is the VAE's
         create_array(store, "seeds", (config.n,), np.int64, data=seeds)
+        if conditional:
+            create_array(store, "conditions", (config.n,), np.int64, data=conditions)
         for start in tqdm(range(0, config.n, config.batch_size), desc=desc, unit="batch"):
             batch_seeds = seeds[start : start + config.batch_size]
             noise = initial_noise(batch_seeds, shape)
             # Stochastic samplers (eta > 0) draw their step noise from a generator tied to the batch's seeds.
             generator = torch.Generator(device=device).manual_seed(int(batch_seeds[0]))
-            x0 = sample(unet, train_scheduler, noise, sampler_config, generator)
-            images[start : start + len(batch_seeds)] = x0.clamp(-1, 1).float().cpu().numpy()
+            condition = (
+                conditioning.batch(conditions[start : start + len(batch_seeds)], device)
+                if conditional
+                else None
+            )
+            x0 = sample(unet, train_scheduler, noise, sampler_config, generator, condition=condition)
+            batch_images = (decode(x0) if decode is not None else x0).clamp(-1, 1).float().cpu().numpy()
+            if images is None:
+                image_shape = batch_images.shape[1:]
+                images = create_array(
+                    store,
+                    "images",
+                    (config.n, *image_shape),
+                    np.float32,
+                    chunks=(config.batch_size, *image_shape),
+                )
+            images[start : start + len(batch_seeds)] = batch_images
         finish_store(store)
     logger.info("wrote %d samples to %s", config.n, out_path)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from diffusers.utils.torch_utils import randn_tensor
 
 from edadm.config import ParamError, check_range
+
+if TYPE_CHECKING:
+    from edadm.diffusion.conditioning import BatchCondition
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpmsolver": DPMSolverMultistepScheduler}
 
@@ -127,12 +130,14 @@ def sample(
     config: SamplerConfig,
     generator: torch.Generator | None = None,
     on_step: StepCallback | None = None,
-    encoder_hidden_states: torch.Tensor | None = None,
+    condition: BatchCondition | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``noise`` [B, C, H, W]; return x_0 [B, C, H, W].
 
     ``on_step(i, t, x_t)`` is called before the model at every step i = 0..steps-1 (i = 0 the
     noisiest), with the exact model input. ``generator`` feeds the stochastic samplers' noise.
+    ``condition``: the batch's class labels or text embeddings, and classifier-free guidance
+    (edadm.diffusion.conditioning); None for unconditional models.
     """
     sampler = make_sampler(train_scheduler, config)
     timesteps = _timesteps(sampler, config)
@@ -140,14 +145,17 @@ def sample(
     prev_timesteps = [*timesteps[1:], -1]
     device = next(unet.parameters()).device
     x = noise.to(device) * sampler.init_noise_sigma
-    extra = {"encoder_hidden_states": encoder_hidden_states} if encoder_hidden_states is not None else {}
     step_kwargs = {"eta": config.eta} if config.name == "ddim" else {}
     for i, t in enumerate(timesteps):
         model_input = sampler.scale_model_input(x, t)
         if on_step is not None:
             on_step(i, t, model_input)
         timestep = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
-        eps = unet(model_input, timestep, **extra).sample
+        eps = (
+            unet(model_input, timestep).sample
+            if condition is None
+            else condition.eps(unet, model_input, timestep)
+        )
         if config.spacing == "quadratic":
             x = ddim_step(sampler, eps, t, prev_timesteps[i], x, config.eta, generator)
         else:

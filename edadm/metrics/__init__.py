@@ -2,7 +2,11 @@
 
 - ``frechet``: ``feature_stats``, ``frechet_distance`` (FD / FID / sFID).
 - ``precision_recall``: improved precision and recall (k-NN manifolds, FAISS).
-- ``scores``: ``inception_score``, ``paired_agreement`` (MSE / PSNR against FP samples).
+- ``scores``: ``inception_score``, ``paired_agreement`` (MSE / PSNR against FP samples),
+  ``class_consistency`` (the reference classifier against the requested class labels).
+- ``ssim``: ``structural_similarity`` (SSIM against FP samples).
+- ``clip``: ``CLIPScorer``, ``clip_score`` (text-to-image samples against their prompts).
+- ``conditions``: ``SampleConditions``, ``sample_conditions``: what each sample was conditioned on.
 - ``extractors``: the ``FeatureExtractor`` interface and batched ``extract_all``.
 - ``classifier``: the digits CNN (embedded default); ``inception``: the FID Inception-v3.
 - ``reference``: ``ReferenceConfig``, ``build_reference``, ``load_extractor``: what samples are
@@ -12,6 +16,8 @@
 """
 
 from edadm.metrics.classifier import ClassifierConfig, DigitsClassifier, train_classifier
+from edadm.metrics.clip import CLIPScorer, clip_score
+from edadm.metrics.conditions import SampleConditions, check_same_conditions, sample_conditions
 from edadm.metrics.evaluation import EvaluateConfig, evaluate_samples
 from edadm.metrics.extractors import Extracted, FeatureExtractor, extract_all
 from edadm.metrics.frechet import feature_stats, frechet_distance
@@ -25,10 +31,12 @@ from edadm.metrics.reference import (
     read_reference,
     reference_config,
 )
-from edadm.metrics.scores import inception_score, paired_agreement
+from edadm.metrics.scores import class_consistency, inception_score, paired_agreement
+from edadm.metrics.ssim import ssim_per_image, structural_similarity
 from edadm.metrics.step_error import noise_error_by_step
 
 __all__ = [
+    "CLIPScorer",
     "ClassifierConfig",
     "DigitsClassifier",
     "EvaluateConfig",
@@ -36,7 +44,11 @@ __all__ = [
     "FIDInceptionV3",
     "FeatureExtractor",
     "ReferenceConfig",
+    "SampleConditions",
     "build_reference",
+    "check_same_conditions",
+    "class_consistency",
+    "clip_score",
     "evaluate_samples",
     "extract_all",
     "feature_stats",
@@ -50,5 +62,8 @@ __all__ = [
     "precision_recall",
     "read_reference",
     "reference_config",
+    "sample_conditions",
+    "ssim_per_image",
+    "structural_similarity",
     "train_classifier",
 ]

@@ -70,12 +70,17 @@ class ReferenceConfig:
         ``sigma_s`` or ``spatial_mu``/``spatial_sigma``) of a real data set's Inception features,
         e.g. pytorch-fid's or guided-diffusion's reference statistics (``inception`` only).
     classifier: how the digits classifier is trained (``digits`` only).
+    clip_path: optional local directory holding a ``CLIPModel`` and its processor saved with
+        ``save_pretrained``, for the CLIP score of text-to-image samples (``edadm.metrics.clip``;
+        never downloaded). Read by the evaluate stage only: the reference directory does not
+        depend on it.
     """
 
     extractor: Literal["digits", "inception"] = "digits"
     inception_weights: str | None = None
     real_stats: str | None = None
     classifier: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
+    clip_path: str | None = None
 
     def __post_init__(self) -> None:
         if self.extractor not in ("digits", "inception"):
@@ -175,7 +180,8 @@ def build_reference(
             info.update(_digits_floor(config.classifier, extractor, stats, batch_size))
         np.savez(tmp / STATS_NPZ, **stats)
 
-        info["params"] = as_dict(config)
+        # clip_path is the evaluate stage's: keeping it out leaves this DVC out the same bytes.
+        info["params"] = {key: value for key, value in as_dict(config).items() if key != "clip_path"}
         write_json(tmp / REFERENCE_JSON, info)
     logger.info(
         "reference (%s, %d real images) written to %s in %.1f s",

@@ -1,4 +1,5 @@
-"""Scores that need no feature statistics: Inception Score and paired agreement with FP samples."""
+"""Scores that need no feature statistics: Inception Score, paired agreement with FP samples, class
+consistency of class-conditional samples."""
 
 from __future__ import annotations
 
@@ -53,3 +54,31 @@ def paired_agreement(
     with np.errstate(divide="ignore"):
         per_image_psnr = 10 * np.log10(data_range**2 / per_image_mse)
     return {"mse": float(per_image_mse.mean()), "psnr": float(per_image_psnr.mean())}
+
+
+def class_consistency(logits: np.ndarray, labels: np.ndarray) -> dict[str, float | dict[str, float]]:
+    """How often a reference classifier sees the class each image was generated for.
+
+    ``logits: [N, K]`` of the reference classifier on the generated images, ``labels: [N]`` the
+    requested class of each image (in [0, K)). Returns ``{"class_consistency": top-1 accuracy
+    over all images, "class_consistency_per_class": {str(label): accuracy over the images of
+    that label}}`` for every label present, in increasing order (JSON keys are strings). The
+    per-class figures show which classes a quantized model loses.
+    """
+    logits = np.asarray(logits)
+    labels = np.asarray(labels)
+    if logits.ndim != 2 or labels.shape != (len(logits),):
+        raise ValueError(
+            f"logits must be [N, K] and labels [N], got shapes {logits.shape} and {labels.shape}"
+        )
+    if len(labels) == 0:
+        raise ValueError("no images to score")
+    num_classes = logits.shape[1]
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(
+            f"requested class labels span [{labels.min()}, {labels.max()}] but the reference classifier has "
+            f"{num_classes} classes: class consistency needs a reference classifier of the model's classes"
+        )
+    correct = logits.argmax(axis=1) == labels  # [N]
+    per_class = {str(int(label)): float(correct[labels == label].mean()) for label in np.unique(labels)}
+    return {"class_consistency": float(correct.mean()), "class_consistency_per_class": per_class}

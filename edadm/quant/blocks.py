@@ -19,6 +19,10 @@ called with ``res_hidden_states_tuple``) runs resnet i on concat([h, skip_i]) wh
 ``res_hidden_states_tuple[-(i + 1)]``; a pre-hook on the up block records the skips' channel
 counts, so split = conv1.in_channels - skip channels (the channels of h, which come first).
 conv_shortcut takes the same concatenated input and gets the same split.
+
+The pass needs the forward's conditioning too (``conditioning`` reads it from the config):
+text features for a UNet2DConditionModel's cross-attention, class labels for a class
+embedding. The class embedding (an nn.Embedding) is not a unit: it stays in float.
 """
 
 from __future__ import annotations
@@ -92,8 +96,31 @@ class ModelLayout:
         return tuple(Unit(name, "layer", types.get(name, "layer"), (name,)) for name in self.layer_order)
 
 
+def conditioning(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The conditioning a UNet's forward takes besides ``sample`` and ``timestep``, from its config.
+
+    ``{"encoder_hidden_states": {"dim": D}}`` for a UNet2DConditionModel (text features
+    [B, L, D] for its cross-attention), ``{"class_labels": {"num_class_embeds": K,
+    "class_embed_type": ...}}`` for a class-conditional UNet ([B] labels); {} when unconditional.
+    """
+    inputs: dict[str, dict[str, Any]] = {}
+    if "cross_attention_dim" in config:  # only UNet2DConditionModel has the key; its forward needs it
+        inputs["encoder_hidden_states"] = {"dim": config["cross_attention_dim"]}
+    if config.get("num_class_embeds") or config.get("class_embed_type"):
+        inputs["class_labels"] = {
+            "num_class_embeds": config.get("num_class_embeds"),
+            "class_embed_type": config.get("class_embed_type"),
+        }
+    return inputs
+
+
 def default_example_inputs(model: nn.Module) -> dict[str, Any]:
-    """One small input for the trace, built from the UNet's config (1 sample)."""
+    """One small input for the trace, built from the UNet's config (1 sample).
+
+    Text features are random [1, 4, D]; class labels are label 0. ValueError for conditioning
+    this cannot invent (projection / identity class embeddings, SDXL-style added embeddings,
+    one cross-attention dim per block).
+    """
     config = model.config
     size = config.get("sample_size") or 2 ** (len(config.get("block_out_channels", (0,) * 4)) + 1)
     height, width = (size, size) if isinstance(size, int) else tuple(size)
@@ -102,18 +129,24 @@ def default_example_inputs(model: nn.Module) -> dict[str, Any]:
         "sample": torch.randn(1, config.in_channels, height, width, generator=generator),
         "timestep": torch.tensor([1], dtype=torch.long),
     }
-    extra_conditioning = [
-        k for k in ("addition_embed_type", "class_embed_type", "num_class_embeds") if config.get(k)
-    ]
-    if "cross_attention_dim" in config:
-        dim = config.cross_attention_dim
-        if not isinstance(dim, int) or extra_conditioning:
-            raise ValueError(
-                f"{type(model).__name__} needs conditioning this trace cannot invent "
-                f"({extra_conditioning or dim}); pass example_inputs= (forward kwargs for one sample)"
-            )
+    needed = conditioning(config)
+    problems = []
+    if config.get("addition_embed_type"):
+        problems.append(f"addition_embed_type={config['addition_embed_type']!r}")
+    # label 0 fits an nn.Embedding and a "timestep" class embedding (labels are timesteps there)
+    if config.get("class_embed_type") not in (None, "timestep"):
+        problems.append(f"class_embed_type={config['class_embed_type']!r}")
+    dim = needed.get("encoder_hidden_states", {}).get("dim", 0)
+    if not isinstance(dim, int):
+        problems.append(f"cross_attention_dim={dim!r}")
+    if problems:
+        raise ValueError(
+            f"{type(model).__name__} needs conditioning this trace cannot invent ({', '.join(problems)}); "
+            "pass example_inputs= (forward kwargs for one sample)"
+        )
+    if "encoder_hidden_states" in needed:
         inputs["encoder_hidden_states"] = torch.randn(1, 4, dim, generator=generator)
-    elif extra_conditioning:
+    if "class_labels" in needed:
         inputs["class_labels"] = torch.zeros(1, dtype=torch.long)
     return inputs
 

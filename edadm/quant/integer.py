@@ -23,7 +23,15 @@ Backends (``backend=``):
 Left on the fake path, and listed in the report: layers whose input stays in float (the last
 layer, METHOD.md 0), weights whose codes do not fit int8 around their zero-point (asymmetric
 weights, 8-bit one-sided channels), non-zero padding modes. Attention products (q, k, v,
-softmax) stay fake-quantized float matmuls (QuantAttnProcessor).
+softmax) stay fake-quantized float matmuls (QuantAttnProcessor), so cross-attention's L text
+tokens against the query's h * w need nothing here; its to_k / to_v run integer on the text
+features [B, L, D] like any Linear. A guided batch [uncond; cond] shares one timestep, hence
+one group.
+
+Integer and fake outputs agree layer by layer to float rounding (~1e-6 relative). Through a
+whole network they agree as well unless a value lies within that rounding of a code boundary:
+its code then differs by one, and later layers carry the difference (on the tiny random test
+models at W4A8, 28-40 dB sample PSNR against the fake samples when it happens).
 """
 
 from __future__ import annotations

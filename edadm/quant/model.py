@@ -14,10 +14,13 @@ What gets quantized (METHOD.md 0):
 With ``quant.act_timestep_groups`` G > 1 (ours) every activation quantizer keeps G ranges, one
 per group of sampling steps (``edadm.quant.timestep_groups``); a pre-hook on the UNet picks
 each sample's group from its ``timestep``.
-Anything else that holds a weight matrix (ConvTranspose2d, Conv1d, Embedding, subclasses of
-Conv2d / Linear such as LoRA-compatible layers, PEFT LoRA wrappers) is listed, left in float,
-and reported with an ``UnsupportedLayerWarning``; so is an attention whose products the
-processor cannot reproduce, and a layer that does not run in the traced forward.
+The class embedding of class-conditional UNets (``class_embedding``, an nn.Embedding) stays in
+float by design, as in the official code: it is a table lookup, with no input activation to
+quantize and a few KB of weights, so it is not reported.
+Anything else that holds a weight matrix (ConvTranspose2d, Conv1d, subclasses of Conv2d /
+Linear such as LoRA-compatible layers, PEFT LoRA wrappers) is listed, left in float, and
+reported with an ``UnsupportedLayerWarning``; so is an attention whose products the processor
+cannot reproduce, and a layer that does not run in the traced forward.
 
 The model stays a drop-in: same class, same forward signature, float weights under the same
 state_dict keys; ``set_quant_state(model, False, False)`` gives the float model's outputs
@@ -93,6 +96,8 @@ def scan_layers(model: nn.Module) -> tuple[list[str], list[str]]:
             skipped.append(name + ".")
         elif type(module) in (nn.Conv2d, nn.Linear):
             quantizable.append(name)
+        elif type(module) is nn.Embedding:
+            continue  # a lookup (class labels): float by design, see the module docstring
         else:
             weight = module._parameters.get("weight")
             if weight is not None and weight.ndim >= 2:

@@ -30,7 +30,7 @@ from edadm.artifacts import ArtifactError, atomic_output, read_json, write_json
 from edadm.config import ParamError, as_dict, from_dict
 from edadm.diffusion.loading import load_unet, model_hash, update_digest
 from edadm.quant.attention import QuantAttnProcessor
-from edadm.quant.blocks import ModelLayout
+from edadm.quant.blocks import ModelLayout, conditioning
 from edadm.quant.config import QuantConfig, ReconConfig
 from edadm.quant.layers import QuantLayer
 from edadm.quant.model import INFO_ATTR, describe_units, quant_info, quant_layers, quantize_model
@@ -183,15 +183,21 @@ def build_manifest(
         float_bytes += numel * size
         quant_bytes += numel * layer.w_bits / 8 if layer.w_bits else numel * size
     attention = {
-        name.removesuffix(".processor"): {"qkv_bits": m.qkv_bits, "softmax_bits": m.softmax_bits}
+        name: {
+            "qkv_bits": m.processor.qkv_bits,
+            "softmax_bits": m.processor.softmax_bits,
+            # k, v from the text features (BasicTransformerBlock.attn2), quantized as self-attention's
+            "cross_attention": bool(getattr(m, "is_cross_attention", False)),
+        }
         for name, m in model.named_modules()
-        if isinstance(m, QuantAttnProcessor)
+        if isinstance(getattr(m, "processor", None), QuantAttnProcessor)
     }
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "stage": STAGE,
         "model_class": type(model).__name__,
+        "conditioning": conditioning(getattr(model, "config", {})),
         "model_hash": weights_hash,
         "calibration_hash": data_hash,
         "run_key": run_key,
