@@ -1,6 +1,7 @@
 """Benchmark reconstruction on the embedded default: seconds per iteration by unit type, totals.
 
     python bench/recon.py [--quick] [--iters N] [--methods fbr,brecq] [--json PATH]
+    python bench/recon.py --ranks 1,2 [--units K] [--quick] [--json PATH]
 
 Runs ``run_reconstruction`` on ``build_embedded_unet()`` (random weights: timing does not
 depend on them) with a calibration set of 1024 samples [1, 16, 16], timesteps in 0..999, for
@@ -8,15 +9,24 @@ FBR and BRECQ in the same process, and prints JSON: per method the total seconds
 part (activation calibration, caching, evaluation) and seconds per iteration for each unit
 type (ResNet block, attention block, single layer); peak memory; CPU model; torch threads.
 ``--quick``: 128 samples, 10 iterations (a smoke run, not a measurement).
+
+``--ranks 1,2``: data-parallel scaling (``edadm.quant.data_parallel``). For each count, FBR on
+the first ``--units`` units (default 6) in a fresh process, or under torchrun, with the CPU
+threads shared out (``OMP_NUM_THREADS`` = cores / ranks, ``--threads`` to set the cores); per
+count the wall seconds to the last of those units and their calibrate / cache / train seconds
+(rank 0's, from the run's checkpoints), and the speed-up against the first count.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +34,7 @@ import torch
 
 from edadm.calib.calibration_set import CalibrationSet
 from edadm.diffusion.embedded import build_embedded_unet
+from edadm.distributed import launch, rank_device, shutdown
 from edadm.quant import QuantConfig, ReconConfig, ReconResult, run_reconstruction
 from edadm.runtime import cpu_name, resolve_device
 
@@ -68,6 +79,98 @@ def summarize(result: ReconResult) -> dict:
     }
 
 
+def calibration_set(samples: int) -> CalibrationSet:
+    generator = torch.Generator().manual_seed(0)
+    return CalibrationSet(
+        torch.randn(samples, 1, 16, 16, generator=generator),
+        torch.randint(0, 1000, (samples,), generator=generator),
+    )
+
+
+class _UnitsDone(Exception):
+    """Raised by the step callback once the units to time are reconstructed (on every rank)."""
+
+
+def time_first_units(args: argparse.Namespace, samples: int, iters: int) -> dict | None:
+    """One rank's part of ``--ranks``: FBR up to the ``args.units``-th unit, in ``args.json``'s
+    folder; rank 0's figures, None on the other ranks."""
+    dist = launch({})  # joins torchrun's process group when torchrun started this process
+    device = rank_device(resolve_device(args.device), dist)
+    torch.manual_seed(0)
+    unet = build_embedded_unet()
+    units_done = []
+
+    def stop(step: str, entry: dict) -> None:  # on every rank, after the same step
+        if entry["phase"] != "calibrate":
+            units_done.append(step)
+        if len(units_done) == args.units:
+            raise _UnitsDone
+
+    folder = args.json.parent
+    tick = time.perf_counter()
+    try:
+        run_reconstruction(
+            unet,
+            calibration_set(samples),
+            QuantConfig(w_bits=args.w_bits, a_bits=8),
+            ReconConfig(method="fbr", iters=iters),
+            folder / "out",
+            folder / "work",
+            device,
+            callback=stop,
+            dist=dist,
+        )
+    except _UnitsDone:
+        pass
+    seconds = time.perf_counter() - tick
+    shutdown(dist)
+    if not dist.is_main:
+        return None
+    # every step's seconds are in rank 0's checkpoints
+    (progress,) = (folder / "work").glob("*/progress.json")
+    steps = {r["step"]: r["entry"]["timing"] for r in json.loads(progress.read_text())["steps"]}
+    return {
+        "ranks": dist.world_size,
+        "torch_threads": torch.get_num_threads(),
+        "seconds_to_last_unit": round(seconds, 2),
+        "steps": list(steps),
+        "calibrate_seconds": steps.get("calibrate", {}).get("seconds", 0.0),
+        "cache_seconds": round(sum(t.get("cache_seconds", 0.0) for t in steps.values()), 2),
+        "train_seconds": round(sum(t.get("train_seconds", 0.0) for t in steps.values()), 2),
+    }
+
+
+def scaling(args: argparse.Namespace, samples: int, iters: int) -> dict:
+    """``--ranks``: the first units at each rank count, each in its own process group."""
+    threads = args.threads or os.cpu_count() or 1
+    runs = []
+    for ranks in [int(r) for r in args.ranks.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            worker = [__file__, "--worker", "--units", str(args.units), "--samples", str(samples)]
+            worker += ["--iters", str(iters), "--w-bits", str(args.w_bits), "--device", args.device]
+            worker += ["--json", str(Path(tmp) / "rank0.json")]
+            launcher = [sys.executable]
+            if ranks > 1:
+                launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // ranks))}
+            subprocess.run([*launcher, *worker], env=env, check=True)
+            runs.append(json.loads((Path(tmp) / "rank0.json").read_text()))
+    base = runs[0]["seconds_to_last_unit"]
+    for run in runs:
+        run["speedup"] = round(base / run["seconds_to_last_unit"], 2)
+    return {
+        "model": "embedded default (build_embedded_unet)",
+        "method": "fbr",
+        "units": args.units,
+        "calibration_samples": samples,
+        "iters_per_unit": iters,
+        "cpu_threads": threads,
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "runs": runs,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -79,16 +182,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--w-bits", type=int, default=4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--ranks", default=None, help="data-parallel scaling: rank counts, e.g. 1,2")
+    parser.add_argument("--units", type=int, default=6, help="with --ranks: units to time")
+    parser.add_argument("--threads", type=int, default=None, help="with --ranks: CPU cores to share out")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one rank of --ranks
     args = parser.parse_args(argv)
 
-    device = resolve_device(args.device)
     samples = args.samples or (128 if args.quick else 1024)
     iters = args.iters if args.iters is not None else (10 if args.quick else ReconConfig().iters)
-    generator = torch.Generator().manual_seed(0)
-    calib = CalibrationSet(
-        torch.randn(samples, 1, 16, 16, generator=generator),
-        torch.randint(0, 1000, (samples,), generator=generator),
-    )
+    if args.worker:
+        output = time_first_units(args, samples, iters)
+        if output is not None:
+            args.json.write_text(json.dumps(output))
+        return output or {}
+    if args.ranks:
+        return _print(scaling(args, samples, iters), args.json)
+
+    device = resolve_device(args.device)
+    calib = calibration_set(samples)
     quant_config = QuantConfig(w_bits=args.w_bits, a_bits=8)
     results = {}
     for method in args.methods.split(","):
@@ -122,11 +233,15 @@ def main(argv: list[str] | None = None) -> dict:
         "methods": results,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+    return _print(output, args.json)
+
+
+def _print(output: dict, path: Path | None) -> dict:
     text = json.dumps(output, indent=2)
     print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
     return output
 
 

@@ -104,6 +104,10 @@ def _describe_store(path: Path) -> list[str]:
     size_mb = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
     n_files = sum(1 for f in path.rglob("*") if f.is_file())
     lines.append(f"  {size_mb:.2f} MB in {n_files} files")
+    world_size = group.attrs.get("world_size")
+    if world_size is not None:  # stores written before scale-out do not say
+        ranks = "one process" if world_size == 1 else f"{world_size} torchrun ranks, each its share"
+        lines.append(f"  written by {ranks} (the arrays do not depend on how many)")
     lines += describe_store(group)
     if "per_step" in group:
         per_step = group["per_step"]

@@ -5,7 +5,8 @@ the samples are scored), reference.clip_path (the CLIP model of text-to-image sc
 labels of the row. Outputs: metrics/eval.json (DVC metrics: fd, sfid, is, precision, recall for
 FP and quantized, and the paired fd_vs_fp, mse, psnr and ssim_vs_fp; class_consistency and its
 per-class figures for class-conditional models, clip_score for text-to-image models),
-plots/samples_fp_vs_quant.png (same seeds side by side).
+plots/samples_fp_vs_quant.png (same seeds side by side). With ``dist.nproc_per_node`` > 1, or
+started by ``torchrun``, the ranks share the feature passes and rank 0 scores and writes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import click
 from edadm.artifacts import ArtifactError, write_json
 from edadm.config import load_section, params_options
 from edadm.diffusion.samples import load_samples
+from edadm.distributed import launch, rank_device, shutdown
 from edadm.metrics.conditions import check_same_conditions, sample_conditions
 from edadm.metrics.evaluation import EvaluateConfig, evaluate_samples
 from edadm.metrics.reference import ReferenceConfig
@@ -40,6 +42,8 @@ def main(params: dict, reference_dir: str, fp_path: str, quant_path: str, out: s
     config = load_section(EvaluateConfig, "evaluate", params)
     clip_path = load_section(ReferenceConfig, "reference", params).clip_path
     device = load_device(params)
+    dist = launch(params, device)  # with dist.nproc_per_node > 1: runs this script under torchrun
+    device = rank_device(device, dist)
     fp_images, fp_seeds = load_samples(fp_path, "sample_fp")
     fp_conditions = sample_conditions(fp_path, "sample_fp")
 
@@ -51,10 +55,14 @@ def main(params: dict, reference_dir: str, fp_path: str, quant_path: str, out: s
         clip_path=clip_path,
         config=config,
         device=device,
+        dist=dist,
     )
 
     if quant_path == "none":  # the sweep's FP rows at other seeds: the noise floor of the table
-        write_json(out, {"w_bits": 32, "a_bits": 32, "method": "fp", "fp": evaluate(fp_images)})
+        fp = evaluate(fp_images)
+        if dist.is_main:
+            write_json(out, {"w_bits": 32, "a_bits": 32, "method": "fp", "fp": fp})
+        shutdown(dist)
         return
     quant_images, quant_seeds = load_samples(quant_path, "sample_quant")
     if fp_seeds.shape != quant_seeds.shape or (fp_seeds != quant_seeds).any():
@@ -67,6 +75,9 @@ def main(params: dict, reference_dir: str, fp_path: str, quant_path: str, out: s
 
     fp = evaluate(fp_images)
     quant = evaluate(quant_images, fp_samples=fp_images)
+    shutdown(dist)
+    if not dist.is_main:  # rank 0 has every rank's features and writes the results
+        return
     quant_params = params.get("quant", {})
     write_json(
         out,

@@ -6,9 +6,15 @@ manifest.json, report.json) and plots/recon.csv, which hold only what the inputs
 train per step) go to metrics/timings/reconstruct.json. A killed run resumes from the last
 finished unit: checkpoints live in artifacts/.reconstruct-checkpoint, outside DVC's outputs,
 which DVC would delete before rerunning the stage.
+
+With ``dist.nproc_per_node`` > 1 the stage reruns itself under torchrun and reconstructs
+data-parallel (``edadm.quant.data_parallel``); rank 0 writes every output. The outputs do not
+depend on the process count up to floating-point summation order (not bitwise).
 """
 
 from __future__ import annotations
+
+import logging
 
 import click
 
@@ -16,6 +22,7 @@ from edadm.artifacts import write_csv, write_json
 from edadm.calib.store import load_calibration
 from edadm.config import load_section, params_options
 from edadm.diffusion.loading import load_unet
+from edadm.distributed import launch, rank_device, shutdown
 from edadm.quant import QuantConfig, ReconConfig, report_rows, run_reconstruction
 from edadm.runtime import configure_logging, load_device
 
@@ -35,10 +42,17 @@ def main(
     quant_config = load_section(QuantConfig, "quant", params)
     recon_config = load_section(ReconConfig, "recon", params)
     device = load_device(params)
+    dist = launch(params, device)  # with dist.nproc_per_node > 1: runs this script under torchrun
+    device = rank_device(device, dist)
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs the run's progress
 
     calib = load_calibration(calib_path)
     unet = load_unet(model_dir, param="the model stage's output")
-    result = run_reconstruction(unet, calib, quant_config, recon_config, out, work_dir, device)
+    result = run_reconstruction(unet, calib, quant_config, recon_config, out, work_dir, device, dist=dist)
+    shutdown(dist)
+    if not dist.is_main:  # rank 0 has written the artifacts and writes the rest
+        return
 
     rows = report_rows(result.report)
     write_csv(table, rows, header=() if rows else ["unit"])

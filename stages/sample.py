@@ -4,18 +4,29 @@
 from artifacts/quant, fake-quantized or (`sample.mode: int`) on integer kernels. Two DVC
 stages, so a change of quantization params reruns only the quantized sampling. Outputs:
 artifacts/samples/{fp,quant}.zarr; the stage's time goes to metrics/timings/sample_{fp,quant}.json.
+With ``dist.nproc_per_node`` > 1, or started by ``torchrun``, the ranks sample their share of
+the images into one store.
 """
 
 from __future__ import annotations
 
-import click
+from pathlib import Path
 
-from edadm.artifacts import timed
+import click
+import torch
+
+from edadm.artifacts import ArtifactError, timed
 from edadm.config import load_section, params_options
 from edadm.diffusion.conditioning import ConditionConfig, Conditioning
-from edadm.diffusion.loading import load_diffusion_model, scheduler_from_config
+from edadm.diffusion.loading import (
+    DiffusionModel,
+    kind_from_unet,
+    load_diffusion_model,
+    scheduler_from_config,
+)
 from edadm.diffusion.samples import SampleConfig, generate_samples
 from edadm.diffusion.sampling import SamplerConfig
+from edadm.distributed import launch, rank_device, shutdown
 from edadm.runtime import configure_logging, load_device
 
 
@@ -42,23 +53,22 @@ def main(
     config = load_section(SampleConfig, "sample", params)
     sampler_config = load_section(SamplerConfig, "sampler", params)
     device = load_device(params)
-    # the FP model's float parts (VAE, text encoder) serve the quantized UNet too
-    model = load_diffusion_model(model_dir, param="the model stage's output").to(device)
-    conditioning = Conditioning(model, load_section(ConditionConfig, "condition", params))
-    scheduler = None
+    dist = launch(params, device)  # with dist.nproc_per_node > 1: runs this script under torchrun
+    device = rank_device(device, dist)
+    condition_config = load_section(ConditionConfig, "condition", params)
+    if export_path and which == "quant":
+        model = _exported_model(export_path, model_dir, device)
+    else:
+        # the FP model's float parts (VAE, text encoder) serve the quantized UNet too
+        model = load_diffusion_model(model_dir, param="the model stage's output").to(device)
+    conditioning = Conditioning(model, condition_config)
     if which == "fp":
         unet = model.unet
         attrs = {"model": "fp"}
     else:
-        from edadm.quant import load_exported, load_quant_model
-        from edadm.quant.export import read_export_metadata
+        from edadm.quant import load_quant_model
 
-        if export_path:
-            unet = load_exported(export_path, device)
-            stored = read_export_metadata(export_path).get("scheduler")  # `edadm export` stores it
-            scheduler = scheduler_from_config(stored) if stored else None
-        else:
-            unet = load_quant_model(model_dir, quant_dir, device)
+        unet = model.unet if export_path else load_quant_model(model_dir, quant_dir, device)
         attrs = {"model": "quant", "quant": params.get("quant"), "recon": params.get("recon")}
         if config.mode == "int":
             from edadm.quant.integer import to_integer
@@ -66,10 +76,11 @@ def main(
             report = to_integer(unet, config.int_backend)
             attrs["integer"] = {"backend": report.backend, "fake_layers": report.fake_layers}
     out = out or f"artifacts/samples/{which}.zarr"
-    with timed(timings or f"metrics/timings/sample_{which}.json"):
+    with timed(timings or f"metrics/timings/sample_{which}.json", write=dist.is_main) as details:
+        details["world_size"] = dist.world_size
         generate_samples(
             unet,
-            scheduler or model.scheduler,
+            model.scheduler,
             sampler_config,
             config,
             out,
@@ -78,7 +89,34 @@ def main(
             desc=f"sample {which}",
             conditioning=conditioning,
             decode=model.decode if model.vae is not None else None,
+            dist=dist,
         )
+    shutdown(dist)
+
+
+def _exported_model(export_path: str, model_dir: str, device: torch.device) -> DiffusionModel:
+    """The exported UNet with its stored scheduler, and the FP model's float parts when
+    ``model_dir`` exists: an export alone serves an unconditional pixel model only."""
+    from edadm.quant import load_exported
+    from edadm.quant.export import read_export_metadata
+
+    unet = load_exported(export_path, device)
+    stored = read_export_metadata(export_path).get("scheduler")  # `edadm export` stores it
+    if Path(model_dir).exists():
+        model = load_diffusion_model(model_dir, param="the model stage's output").to(device)
+        model.unet = unet
+    else:
+        model = DiffusionModel(unet, None, kind_from_unet(unet, latent=False, null_class=None))
+        if model.kind.condition != "none":
+            raise ArtifactError(
+                f"{export_path} holds a {model.kind.name} UNet: its conditions need the FP model's "
+                f"parts, and --model {model_dir} does not exist; point --model at the model stage's output"
+            )
+    if stored:
+        model.scheduler = scheduler_from_config(stored)
+    elif model.scheduler is None:
+        raise ArtifactError(f"{export_path} stores no scheduler and --model {model_dir} does not exist")
+    return model
 
 
 if __name__ == "__main__":

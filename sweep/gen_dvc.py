@@ -6,12 +6,17 @@ sweep/ is a DVC project of its own (`dvc init --subdir`), so the main pipeline's
 depend on the main pipeline's model, reference and trajectory dump (`../artifacts/...`), read
 the main `params.yaml`, and keep their outputs, cache and `dvc.lock` under sweep/.
 
+A second testbed, the embedded digits UNet's class-conditional variant, has its own stages
+(`class_*`): it builds that model in the sweep (sweep/artifacts/model-class), dumps and calibrates
+it at each guidance scale, and keeps its outputs under sweep/{artifacts,plots,metrics}/class/.
+
 Run `python sweep/gen_dvc.py` after editing the rows below or the main dvc.yaml's deps, then
-`python sweep/run.py` (or `cd sweep && dvc repro`).
+`python sweep/run.py [--testbed class]` (or `cd sweep && dvc repro`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -95,6 +100,12 @@ TUNING = {
     "q-diffusion-iters5000": ("q-diffusion", {"recon.iters": "5000"}),
 }
 LAST = [name for name in TUNING if name.endswith("iters5000")]
+# The class-conditional testbed: the paper's three rows at its two bit-widths, at the paper's
+# guidance scale (3.0, as for LDM-4 ImageNet) and without guidance (1), calibration seed 0.
+CLASS_GUIDANCE = [3, 1]  # run order: the paper's setting first
+CLASS_METHODS = ["naive", "q-diffusion", "eda-dm"]
+MODEL = "../artifacts/model"  # the main pipeline's model (seen from sweep/)
+CLASS_MODEL = "artifacts/model-class"  # the class model, built by the class_model stage (seen from sweep/)
 
 
 def _sets(overrides: dict[str, str]) -> str:
@@ -150,6 +161,34 @@ def run_order() -> list[str]:
     return targets
 
 
+def class_configs() -> dict[str, dict]:
+    """The class testbed's rows: ``configs()``'s seed-0 rows of CLASS_METHODS at PAPER_BITS, at
+    each guidance scale G (``g``: its name, ``guidance``: its value), keyed ``{row}-g{G}-s0``."""
+    runs = configs()
+    out = {}
+    for g in CLASS_GUIDANCE:
+        for name in CLASS_METHODS:
+            for w, a in PAPER_BITS:
+                out[f"{name}-w{w}a{a}-g{g}-s0"] = {**runs[f"{name}-w{w}a{a}-s0"], "g": f"g{g}", "guidance": g}
+    return out
+
+
+def class_run_order() -> list[str]:
+    """The class testbed's evaluate targets, most informative first: at each guidance scale (the
+    paper's first), the FP row, then W4A8, where the methods separate, then W8A8."""
+    runs = class_configs()
+    targets = []
+    for g in CLASS_GUIDANCE:
+        targets.append(f"class_evaluate_fp@g{g}-s0")
+        for bits in [(4, 8), (8, 8)]:
+            targets += [
+                f"class_evaluate@{n}"
+                for n, r in runs.items()
+                if r["guidance"] == g and (r["w"], r["a"]) == bits
+            ]
+    return targets
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -181,84 +220,189 @@ def _stage(cmd: str, script: str, inputs: list[str], params: list[dict], **outs)
     }
 
 
-def stages() -> dict:
-    runs = configs()
-    calibs = sorted({(c["calib"], c["seed"]) for c in runs.values()})
+@dataclass(frozen=True)
+class Testbed:
+    """What sets a testbed's stages apart; paths are seen from sweep/ and may use ``${item.*}``."""
+
+    prefix: str  # of its stage names
+    sub: str  # its subfolder of artifacts/, plots/ and metrics/ ("" or "class/")
+    model: str
+    trajectories: str  # the dump its calibration sets are selected from
+    scale: str  # how an item's calibration sets and FP samples name its guidance scale ("" or "${item.g}-")
+    fp_sets: str  # sample_fp's overrides (${item}: its foreach value)
+    quant_sets: str  # sample_quant's overrides
+    runs: dict  # its rows, the foreach of reconstruct, sample_quant and evaluate
+    calibs: dict  # select's foreach
+    fp: dict  # sample_fp's foreach; evaluate_fp's is its keys
+
+    @property
+    def model_flag(self) -> str:
+        # the main pipeline's model is the stage scripts' default
+        return "" if self.model == MODEL else f"--model {_from_root(self.model)} "
+
+
+def _from_root(path: str) -> str:
+    """A path seen from sweep/, seen from the repository root (where the commands run)."""
+    return path[3:] if path.startswith("../") else f"sweep/{path}"
+
+
+def _testbed_stages(tb: Testbed) -> dict:
+    """The stages both testbeds have: select, reconstruct, sample_fp, sample_quant, evaluate, evaluate_fp."""
+    art, plots, metrics = f"artifacts/{tb.sub}", f"plots/{tb.sub}", f"metrics/{tb.sub}"
+    timings = f"timings/{tb.prefix.replace('_', '-')}"  # flat: class-* for the class testbed
+    calib = f"{art}calib-${{item.calib}}-{tb.scale}s${{item.seed}}.zarr"
+    fp = f"{art}samples-fp-{tb.scale}s0.zarr"
     return {
-        "select": {
-            "foreach": {f"{c}-s{s}": {"sets": _sets(CALIBRATIONS[c]), "seed": s} for c, s in calibs},
+        f"{tb.prefix}select": {
+            "foreach": tb.calibs,
             "do": _stage(
                 "${item.sets}--set select.seed=${item.seed} "
-                "--trajectories artifacts/trajectories.zarr --out sweep/artifacts/calib-${key}.zarr "
-                "--table sweep/plots/calib-${key}.csv",
+                f"--trajectories {_from_root(tb.trajectories)} --out sweep/{art}calib-${{key}}.zarr "
+                f"--table sweep/{plots}calib-${{key}}.csv",
                 "stages/selection.py",
-                ["../artifacts/trajectories.zarr"],
+                [tb.trajectories],
                 _params("select"),
-                outs=["artifacts/calib-${key}.zarr", "plots/calib-${key}.csv"],
+                outs=[f"{art}calib-${{key}}.zarr", f"{plots}calib-${{key}}.csv"],
             ),
         },
-        "reconstruct": {
-            "foreach": runs,
+        f"{tb.prefix}reconstruct": {
+            "foreach": tb.runs,
             "do": _stage(
                 "${item.extra}--set quant.w_bits=${item.w} --set quant.a_bits=${item.a} "
-                "--set recon.method=${item.recon} "
-                "--calib sweep/artifacts/calib-${item.calib}-s${item.seed}.zarr "
-                "--out sweep/artifacts/quant-${key} --work sweep/artifacts/.checkpoint-${key} "
-                "--table sweep/plots/recon-${key}.csv --timings sweep/timings/reconstruct-${key}.json",
+                f"--set recon.method=${{item.recon}} {tb.model_flag}--calib sweep/{calib} "
+                f"--out sweep/{art}quant-${{key}} --work sweep/{art}.checkpoint-${{key}} "
+                f"--table sweep/{plots}recon-${{key}}.csv --timings sweep/{timings}reconstruct-${{key}}.json",
                 "stages/reconstruct.py",
-                ["../artifacts/model", "artifacts/calib-${item.calib}-s${item.seed}.zarr"],
+                [tb.model, calib],
                 _params("device", "quant", "recon"),
-                outs=["artifacts/quant-${key}", "plots/recon-${key}.csv"],
+                outs=[f"{art}quant-${{key}}", f"{plots}recon-${{key}}.csv"],
             ),
         },
-        "sample_fp": {
-            "foreach": {f"s{s}": s for s in FP_SEEDS},
+        f"{tb.prefix}sample_fp": {
+            "foreach": tb.fp,
             "do": _stage(
-                "--which fp --set sample.seed=${item} --set sample.n=${sample_n} "
-                "--out sweep/artifacts/samples-fp-${key}.zarr --timings sweep/timings/sample-fp-${key}.json",
+                f"--which fp {tb.model_flag}{tb.fp_sets}--set sample.n=${{sample_n}} "
+                f"--out sweep/{art}samples-fp-${{key}}.zarr --timings sweep/{timings}sample-fp-${{key}}.json",
                 "stages/sample.py",
-                ["../artifacts/model"],
+                [tb.model],
                 _params("device", "sampler", "condition", "sample.n", "sample.batch_size"),
-                outs=["artifacts/samples-fp-${key}.zarr"],
+                outs=[f"{art}samples-fp-${{key}}.zarr"],
             ),
         },
-        "sample_quant": {
-            "foreach": runs,
+        f"{tb.prefix}sample_quant": {
+            "foreach": tb.runs,
             "do": _stage(
-                "--which quant --quant sweep/artifacts/quant-${key} --set sample.n=${sample_n} "
-                "--out sweep/artifacts/samples-${key}.zarr --timings sweep/timings/sample-${key}.json",
+                f"--which quant {tb.model_flag}--quant sweep/{art}quant-${{key}} {tb.quant_sets}"
+                f"--set sample.n=${{sample_n}} --out sweep/{art}samples-${{key}}.zarr "
+                f"--timings sweep/{timings}sample-${{key}}.json",
                 "stages/sample.py",
-                ["../artifacts/model", "artifacts/quant-${key}"],
+                [tb.model, f"{art}quant-${{key}}"],
                 _params("device", "sampler", "condition", "sample"),
-                outs=["artifacts/samples-${key}.zarr"],
+                outs=[f"{art}samples-${{key}}.zarr"],
             ),
         },
-        "evaluate": {
-            "foreach": runs,
+        f"{tb.prefix}evaluate": {
+            "foreach": tb.runs,
             "do": _stage(
                 "--set quant.w_bits=${item.w} --set quant.a_bits=${item.a} "
                 "--set recon.method=${item.recon} --set select.method=${item.select} "
-                "--fp sweep/artifacts/samples-fp-s0.zarr --quant sweep/artifacts/samples-${key}.zarr "
-                "--out sweep/metrics/${key}.json --grid sweep/plots/samples-${key}.png",
+                f"--fp sweep/{fp} --quant sweep/{art}samples-${{key}}.zarr "
+                f"--out sweep/{metrics}${{key}}.json --grid sweep/{plots}samples-${{key}}.png",
                 "stages/evaluate.py",
-                ["../artifacts/reference", "artifacts/samples-fp-s0.zarr", "artifacts/samples-${key}.zarr"],
+                ["../artifacts/reference", fp, f"{art}samples-${{key}}.zarr"],
                 _params("device", "evaluate", "reference.clip_path"),
-                outs=["plots/samples-${key}.png"],
-                metrics=["metrics/${key}.json"],
+                outs=[f"{plots}samples-${{key}}.png"],
+                metrics=[f"{metrics}${{key}}.json"],
             ),
         },
-        "evaluate_fp": {
-            "foreach": [f"s{s}" for s in FP_SEEDS],
+        f"{tb.prefix}evaluate_fp": {
+            "foreach": list(tb.fp),
             "do": _stage(
-                "--fp sweep/artifacts/samples-fp-${item}.zarr --quant none "
-                "--out sweep/metrics/fp-${item}.json",
+                f"--fp sweep/{art}samples-fp-${{item}}.zarr --quant none "
+                f"--out sweep/{metrics}fp-${{item}}.json",
                 "stages/evaluate.py",
-                ["../artifacts/reference", "artifacts/samples-fp-${item}.zarr"],
+                ["../artifacts/reference", f"{art}samples-fp-${{item}}.zarr"],
                 _params("device", "evaluate", "reference.clip_path"),
-                metrics=["metrics/fp-${item}.json"],
+                metrics=[f"{metrics}fp-${{item}}.json"],
             ),
         },
     }
+
+
+def stages() -> dict:
+    runs = configs()
+    calibs = sorted({(c["calib"], c["seed"]) for c in runs.values()})
+    return _testbed_stages(
+        Testbed(
+            prefix="",
+            sub="",
+            model=MODEL,
+            trajectories="../artifacts/trajectories.zarr",
+            scale="",
+            fp_sets="--set sample.seed=${item} ",
+            quant_sets="",
+            runs=runs,
+            calibs={f"{c}-s{s}": {"sets": _sets(CALIBRATIONS[c]), "seed": s} for c, s in calibs},
+            fp={f"s{s}": s for s in FP_SEEDS},
+        )
+    )
+
+
+def class_stages() -> dict:
+    """The class testbed's stages: the same stage scripts as :func:`stages`, on the class model
+    built here (``--model``), each guidance scale with its own dump, calibration sets, FP samples
+    and rows (``--set condition.guidance_scale``); outputs in the class/ folders of artifacts/, plots/
+    and metrics/ (the model's in artifacts/model-class)."""
+    runs = class_configs()
+    guidance = {f"g{g}": g for g in CLASS_GUIDANCE}
+    calibs = sorted({(c["calib"], c["g"], c["seed"]) for c in runs.values()})
+    model = _from_root(CLASS_MODEL)
+    return {
+        "class_model": _stage(
+            f"--set model.embedded.conditioning=class --out {model} "
+            "--log sweep/artifacts/model-class-train.json --grid sweep/plots/model-class-samples.png "
+            "--timings sweep/timings/model-class.json",
+            "stages/model.py",
+            [],
+            _params("device", "model"),
+            outs=[CLASS_MODEL, "artifacts/model-class-train.json", "plots/model-class-samples.png"],
+        ),
+        # the dump at the main pipeline's size and sampler: only the model and the guidance differ
+        "class_dump": {
+            "foreach": guidance,
+            "do": _stage(
+                f"--set condition.guidance_scale=${{item}} --model {model} "
+                "--out sweep/artifacts/class/trajectories-${key}.zarr "
+                "--timings sweep/timings/class-dump-${key}.json",
+                "stages/dump.py",
+                [CLASS_MODEL],
+                _params("device", "sampler", "condition", "dump", "select.tdac.feature_layer"),
+                outs=["artifacts/class/trajectories-${key}.zarr"],
+            ),
+        },
+        **_testbed_stages(
+            Testbed(
+                prefix="class_",
+                sub="class/",
+                model=CLASS_MODEL,
+                trajectories="artifacts/class/trajectories-${item.g}.zarr",
+                scale="${item.g}-",
+                fp_sets="--set condition.guidance_scale=${item} --set sample.seed=0 ",
+                # the FP samples' seed too (0), so that the paired figures compare image k with image k
+                quant_sets="--set condition.guidance_scale=${item.guidance} --set sample.seed=0 ",
+                runs=runs,
+                calibs={
+                    f"{c}-{g}-s{s}": {"sets": _sets(CALIBRATIONS[c]), "g": g, "seed": s} for c, g, s in calibs
+                },
+                fp={f"{g}-s0": scale for g, scale in guidance.items()},
+            )
+        ),
+    }
+
+
+def all_stages() -> dict:
+    """Every stage of sweep/dvc.yaml: the unconditional testbed's, then the class testbed's."""
+    return {**stages(), **class_stages()}
 
 
 def main() -> None:
@@ -267,7 +411,7 @@ def main() -> None:
         "# ${sample_n} comes from sweep/params.yaml, which DVC loads for this project.\n"
     )
     (Path(__file__).parent / "dvc.yaml").write_text(
-        header + yaml.safe_dump({"stages": stages()}, sort_keys=False)
+        header + yaml.safe_dump({"stages": all_stages()}, sort_keys=False)
     )
 
 

@@ -14,6 +14,7 @@ from edadm.diffusion.loading import ModelConfig
 from edadm.diffusion.samples import SampleConfig
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.diffusion.trajectories import DumpConfig
+from edadm.distributed import DistConfig
 from edadm.metrics.evaluation import EvaluateConfig
 from edadm.metrics.reference import ReferenceConfig
 from edadm.quant import QuantConfig, ReconConfig
@@ -32,6 +33,7 @@ SECTIONS = {
     "sample": SampleConfig,
     "evaluate": EvaluateConfig,
     "device": DeviceConfig,
+    "dist": DistConfig,
 }
 
 

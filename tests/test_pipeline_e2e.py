@@ -181,6 +181,10 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     assert status == ["Data and pipelines are up to date."], status
     first_hashes = _out_hashes(repo)
 
+    # The process count is no stage's param: results do not depend on it, so nothing reruns.
+    assert _stages_run(_run([*dvc, "exp", "run", "-S", "dist.nproc_per_node=2"], repo)) == set()
+    _run(["git", "checkout", "params.yaml"], repo)
+
     # Editing a module no stage imports (inspect, the CLI) reruns nothing.
     with (repo / "edadm" / "inspect.py").open("a") as f:
         f.write("\n# an edit no stage depends on\n")

@@ -247,4 +247,5 @@ def dump_trajectories(
         dist.barrier()  # every rank's region is written
         if dist.is_main:
             finish_store(store)
-    logger.info("wrote %s: %d trajectories x %d steps", out_path, n_traj, n_steps)
+    if dist.is_main:
+        logger.info("wrote %s: %d trajectories x %d steps", out_path, n_traj, n_steps)

@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from edadm.metrics.precision_recall import precision_recall
 from edadm.metrics.reference import load_extractor, load_reference_stats, read_reference
 from edadm.metrics.scores import class_consistency, inception_score, paired_agreement
 from edadm.metrics.ssim import structural_similarity
+
+if TYPE_CHECKING:  # only the type: scoring in one process needs no torch.distributed
+    from edadm.distributed import Dist
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +69,8 @@ def evaluate_samples(
     clip_path: str | Path | None = None,
     config: EvaluateConfig | None = None,
     device: torch.device | str = "cpu",
-) -> dict[str, Any]:
+    dist: Dist | None = None,
+) -> dict[str, Any] | None:
     """Score generated ``samples: [N, C, H, W]`` in [-1, 1] against the reference.
 
     Args:
@@ -80,6 +84,9 @@ def evaluate_samples(
             text-conditioned samples, or None.
         config: the ``evaluate`` params (defaults when None).
         device: where the feature extractor (and the CLIP model) runs.
+        dist: this process's rank under torchrun, or None (one process). The feature passes
+            are shared out over the ranks (``extract_all``); rank 0 scores, the others
+            return None.
 
     Returns:
         ``{"n", "fd", "sfid", "is_mean", "is_std", "precision", "recall"}`` and, with
@@ -96,7 +103,12 @@ def evaluate_samples(
     config = config or EvaluateConfig()
     stats = load_reference_stats(reference_dir)
     extractor = load_extractor(reference_dir, device)
-    out = extract_all(extractor, samples, config.batch_size, desc="sample features")
+    out = extract_all(extractor, samples, config.batch_size, desc="sample features", dist=dist)
+    fp = None  # every rank takes part in both feature passes before rank 0 scores
+    if fp_samples is not None:
+        fp = extract_all(extractor, fp_samples, config.batch_size, desc="FP sample features", dist=dist)
+    if out is None:  # a rank other than 0: its share is with rank 0
+        return None
     n = len(out.features)
     if conditions is not None and len(conditions.index) != n:
         raise ValueError(
@@ -143,7 +155,6 @@ def evaluate_samples(
     if fp_samples is not None:
         result.update(paired_agreement(samples, fp_samples))
         result["ssim_vs_fp"] = structural_similarity(samples, fp_samples)
-        fp = extract_all(extractor, fp_samples, config.batch_size, desc="FP sample features")
         result["fd_vs_fp"] = frechet_distance(mu, sigma, *feature_stats(fp.features))
     logger.info("evaluation: %s", json.dumps(result))
     return result

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import abc
 import logging
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # only the type: the reference stage runs in one process
+    from edadm.distributed import Dist
 
 logger = logging.getLogger(__name__)
 
@@ -73,28 +76,41 @@ def extract_all(
     images: np.ndarray | torch.Tensor,
     batch_size: int = 256,
     desc: str = "features",
-) -> Extracted:
+    dist: Dist | None = None,
+) -> Extracted | None:
     """Run ``extractor`` over ``images: [N, C, H, W]`` in [-1, 1] in batches.
 
     Returns an ``Extracted`` of float32 numpy arrays (``logits`` None when the extractor has no
     classes). The extractor is put in eval mode; images move to its device batch by batch, so
-    memory holds one batch of activations at a time.
+    memory holds one batch of activations at a time. ``dist`` (under torchrun): each rank runs
+    its contiguous share of the batches, the very batches one process runs, and rank 0 gets
+    them all, in order; the other ranks get None.
     """
     if images.ndim != 4:
         raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    if len(images) == 0:
+        raise ValueError("no images to extract features from")
+    share = range(len(images)) if dist is None else dist.shard(len(images), batch_size)
     extractor.eval()
     device = extractor.device
     features, spatial, logits = [], [], []
-    starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=len(starts) < 2):
+    starts = range(share.start, share.stop, batch_size)
+    show = len(starts) > 1 and (dist is None or dist.is_main)
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=not show):
         batch = torch.as_tensor(np.asarray(images[start : start + batch_size]), dtype=torch.float32)
         out = extractor.extract(batch.to(device))
         features.append(out.features.float().cpu().numpy())
         spatial.append(out.spatial.float().cpu().numpy())
         if out.logits is not None:
             logits.append(out.logits.float().cpu().numpy())
-    if not features:
-        raise ValueError("no images to extract features from")
+    if dist is not None and dist.active:
+        # rank 0 gets every rank's batches in rank order: one process's batches, in its order
+        gathered = dist.gather((features, spatial, logits))
+        if gathered is None:
+            return None
+        features = [batch for part in gathered for batch in part[0]]
+        spatial = [batch for part in gathered for batch in part[1]]
+        logits = [batch for part in gathered for batch in part[2]]
     return Extracted(
         features=np.concatenate(features),
         spatial=np.concatenate(spatial),

@@ -7,7 +7,8 @@ Modules, one concept each: ``quantizer`` (grid arithmetic, UniformAffineQuantize
 inputs and float targets), ``block_reconstruction`` (Phase, learning one unit),
 ``reconstruction`` (FBR / BRECQ / layer-wise over the network: plan, resume, report),
 ``state`` (artifacts), ``packing`` (integer codes into bytes), ``export`` (one
-self-contained file), ``timestep_groups`` (activation ranges per group of sampling steps).
+self-contained file), ``timestep_groups`` (activation ranges per group of sampling steps),
+``data_parallel`` (reconstruction split over the ranks of a torchrun).
 The calibration set they take is ``CalibrationSet`` from ``edadm.calib.calibration_set``
 (what ``edadm.calib.store.load_calibration`` returns).
 """

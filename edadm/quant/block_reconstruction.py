@@ -11,6 +11,10 @@ main input, x~ = where(rand < p, x, quantized-path input); the other inputs (tem
 quantized time-embedding layers produce) come from the quantized path unmixed, as in the
 official code, so the unit learns to work with the temb the quantized network will really
 give it. encoder_hidden_states is the same in both paths (the text encoder stays in float).
+
+Data-parallel (``dist``, see ``edadm.quant.data_parallel``): each rank learns on its part of
+every batch and the gradients are summed over the ranks before each step; the evaluation
+batches are shared out. One process (``dist`` None) runs as without it.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from edadm.distributed import Dist
 from edadm.quant.adaround import LinearTempDecay
 from edadm.quant.blocks import Unit
 from edadm.quant.caching import UnitCache
 from edadm.quant.config import ReconConfig
+from edadm.quant.data_parallel import batch_shard, split, sum_gradients, sum_in_order
 from edadm.quant.layers import QuantLayer
 from edadm.quant.losses import fbr_loss, lp_loss
 from edadm.quant.model import act_quantizers, set_quant_state
@@ -171,29 +177,40 @@ def evaluate_unit(
     batch_size: int,
     samples: int,
     device: torch.device,
+    dist: Dist | None = None,
 ) -> tuple[float, list[float]]:
     """Block-output loss L_b and every layer's lp loss on the first ``samples`` cached samples.
 
     The quantized unit runs on the pure quantized-path input (no QDrop) against float targets.
+    ``dist``: each rank evaluates a share of the batches; all get the one-process values.
     """
+    dist = dist or Dist()
     recorder = _OutputRecorder(layers)
     count = min(samples, len(cache))
-    block_total, layer_totals = 0.0, [0.0] * len(layers)
+    starts = range(0, count, batch_size)
+    # per batch: n * L_b, then n * lp of every layer (a rank fills its own batches)
+    sums = [[0.0] * (1 + len(layers)) for _ in starts]
     try:
-        for start in range(0, count, batch_size):
-            index = torch.arange(start, min(start + batch_size, count))
+        for j in range(len(starts))[split(len(starts), dist.world_size, dist.rank)]:
+            index = torch.arange(starts[j], min(starts[j] + batch_size, count))
             fp_args, fp_kwargs = cache.fp_inputs.select(index, device)
             layers_fp = _float_layer_outputs(unit_module, cache, recorder, index, fp_args, fp_kwargs, device)
             set_quant_state(unit_module, True, act_quant)
             out_q = _run_quantized(unit_module, cache, index, *cache.q_inputs.select(index, device))
             layers_q = recorder.take()
             n = len(index)
-            block_total += float(lp_loss(out_q, cache.fp_outputs[index].to(device))) * n
+            sums[j][0] = float(lp_loss(out_q, cache.fp_outputs[index].to(device))) * n
             for i, (q, f) in enumerate(zip(layers_q, layers_fp, strict=True)):
-                layer_totals[i] += float(lp_loss(q, f)) * n
+                sums[j][1 + i] = float(lp_loss(q, f)) * n
     finally:
         recorder.remove()
-    return block_total / count, [v / count for v in layer_totals]
+    sums = sum_in_order(dist, sums, device)
+    # added batch after batch, as one process adds them
+    totals = [0.0] * (1 + len(layers))
+    for row in sums:
+        for i, value in enumerate(row):
+            totals[i] += value
+    return totals[0] / count, [v / count for v in totals[1:]]
 
 
 def reconstruct_unit(
@@ -205,12 +222,16 @@ def reconstruct_unit(
     lrs: tuple[float, float],
     seed: int,
     device: torch.device,
+    dist: Dist | None = None,
 ) -> int:
     """Learn the unit's rounding and / or activation steps on its cache; returns the iterations run.
 
     ``lrs`` = (lr_w, lr_a); ``seed`` draws the batches and the QDrop masks. Ends with hard
-    rounding written to the layers' integer weights.
+    rounding written to the layers' integer weights. ``dist``: every rank draws the same
+    batches and learns on its part of each (``edadm.quant.data_parallel``); the gradients are
+    summed over the ranks, so all ranks end with the same state.
     """
+    dist = dist or Dist()
     lr_w = lrs[0] if phase.lr_w is None else phase.lr_w
     lr_a = lrs[1] if phase.lr_a is None else phase.lr_a
     if config.iters == 0:
@@ -220,9 +241,17 @@ def reconstruct_unit(
     if not adarounds and not scales:
         return 0
     iters = config.iters
+    batch = min(config.batch_size, len(cache))
+    part = batch_shard(dist, batch)  # this rank's samples of every batch: all of it in one process
     cpu_generator = torch.Generator().manual_seed(seed)
     qdrop = (
-        QDrop(phase.qdrop_prob, torch.Generator(device).manual_seed(seed)) if phase.qdrop_prob > 0 else None
+        QDrop(
+            phase.qdrop_prob,
+            torch.Generator(device).manual_seed(seed),
+            (batch, part.start, part.stop) if dist.active else None,
+        )
+        if phase.qdrop_prob > 0
+        else None
     )
     # QDrop inside the activation quantizers only where they quantize
     dropping = act_quantizers(unit_module) if qdrop is not None and phase.act_quant else []
@@ -243,12 +272,21 @@ def reconstruct_unit(
                 )
     temperature = LinearTempDecay(iters, config.warmup, *config.b_range)
     recorder = _OutputRecorder(layers) if phase.layer_terms else None
-    batch = min(config.batch_size, len(cache))
+    learned = [a.alpha for a in adarounds] + scales
+    progress = tqdm(
+        range(1, iters + 1),
+        desc="iterations",
+        unit="it",
+        leave=False,
+        mininterval=2,
+        disable=not dist.is_main,
+    )
     try:
         with qdrop.installed(dropping) if qdrop is not None else contextlib.nullcontext():
-            for step in tqdm(range(1, iters + 1), desc="iterations", unit="it", leave=False, mininterval=2):
+            for step in progress:
                 # 1. a random batch (without replacement) of cached inputs and float targets
-                index = torch.randperm(len(cache), generator=cpu_generator)[:batch]
+                #    (the same on every rank, which takes its part of it)
+                index = torch.randperm(len(cache), generator=cpu_generator)[:batch][part]
                 fp_args, fp_kwargs = cache.fp_inputs.select(index, device)
                 q_args, q_kwargs = cache.q_inputs.select(index, device)
                 target = cache.fp_outputs[index].to(device)
@@ -273,10 +311,16 @@ def reconstruct_unit(
                 if phase.round_reg and step >= config.warmup * iters:
                     b = temperature(step)
                     loss = loss + config.round_weight * sum(a.round_loss(b) for a in adarounds)
-                # 6. Adam steps, cosine-annealed learning rates
+                # 6. Adam steps, cosine-annealed learning rates; over several ranks, each weighs its
+                #    loss (a mean over its part) by its share of the batch and the gradients are
+                #    summed: sum_r (n_r / B) grad L_r = grad L of the whole batch (the regulariser
+                #    counts once: its weights n_r / B add up to 1)
                 for optimizer in optimizers:
                     optimizer.zero_grad(set_to_none=True)
+                if dist.active:
+                    loss = loss * (len(index) / batch)
                 loss.backward()
+                sum_gradients(dist, learned)
                 for optimizer in optimizers:
                     optimizer.step()
                 for scheduler in schedulers:

@@ -12,12 +12,18 @@ stopped as soon as the units it is for have run, and kept on the CPU:
 Every positional / keyword input of the unit is cached (pre-hooks with kwargs): for a
 ResnetBlock2D that is (hidden_states, temb), for an attention block also temb or
 encoder_hidden_states (``UnitInputs``).
+
+Data-parallel (``dist``, see ``edadm.quant.data_parallel``): each rank runs the quantized
+passes on its shard of the calibration set and the captures are gathered, so that every rank
+holds the caches of the whole set in calibration order (the learning batches draw from all of
+it); the float passes run whole on every rank (``FloatCaches``).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +31,9 @@ import torch
 from torch import nn
 
 from edadm.calib.calibration_set import CalibrationSet
+from edadm.distributed import Dist, all_gather_rows
 from edadm.quant.config import ReconConfig
+from edadm.quant.data_parallel import sample_shard, shard_sizes
 from edadm.quant.model import set_quant_state
 
 if TYPE_CHECKING:
@@ -60,6 +68,18 @@ class UnitInputs:
             for v, n in zip(values, batch_sizes, strict=True)
         )
         return torch.cat(values) if batched and len(values) > 1 else values[0]
+
+    def signature(self) -> tuple:
+        """Which inputs are batched (the same on every rank, or the ranks' captures cannot be joined)."""
+        return tuple(self.batched_args), tuple(sorted(self.batched_kwargs.items()))
+
+    def map_batched(self, function: Callable[[torch.Tensor], torch.Tensor], size: int) -> UnitInputs:
+        """A copy with ``function`` applied to every batched input, now of ``size`` samples."""
+        mapped = copy.copy(self)
+        mapped.args = [function(v) if b else v for v, b in zip(self.args, self.batched_args, strict=True)]
+        mapped.kwargs = {k: function(v) if self.batched_kwargs[k] else v for k, v in self.kwargs.items()}
+        mapped.size = size
+        return mapped
 
     def select(self, index: torch.Tensor, device: torch.device) -> tuple[list[Any], dict[str, Any]]:
         """The inputs of samples ``index`` on ``device``."""
@@ -144,12 +164,59 @@ def capture_units(
     *,
     weights: bool,
     activations: bool,
+    dist: Dist | None = None,
 ) -> list[Captured]:
     """Run ``model`` over the calibration set with the given quant state; capture the targets.
 
     Each batch stops as soon as every target is captured (right before a unit whose output
     is not needed, right after one whose output is). Returns one ``Captured`` per target.
+    ``dist`` (several ranks): each rank runs its ``sample_shard`` of the set; every rank
+    returns the captures of the whole set.
     """
+    dist = dist or Dist()
+    if not dist.active:
+        return _capture(model, targets, calib, batch_size, device, weights=weights, activations=activations)
+    shard = sample_shard(dist, len(calib), batch_size)
+    captured = _capture(
+        model, targets, calib.subset(shard), batch_size, device, weights=weights, activations=activations
+    )
+    rows = shard_sizes(dist, len(calib), batch_size)
+    return [_gather(c, dist, rows, device) for c in captured]
+
+
+def _gather(captured: Captured, dist: Dist, rows: list[int], device: torch.device) -> Captured:
+    """Every rank's ``captured`` (its shard of the samples) joined in rank order, on every rank."""
+    signature = (captured.inputs.signature(), captured.output is None, len(captured.layer_outputs or []))
+    expected = dist.broadcast(signature)
+    if signature != expected:
+        raise RuntimeError(
+            f"rank {dist.rank} captured (batched inputs, no output, layer outputs) {signature}, rank 0 "
+            f"{expected}: a non-batch input whose first dim equals a rank's sample count looks batched "
+            "there; change recon.cache_batch_size or dist.nproc_per_node"
+        )
+
+    def gather(tensor: torch.Tensor) -> torch.Tensor:
+        # over the rank's device: NCCL gathers GPU tensors only
+        return all_gather_rows(dist, tensor.to(device), rows).to(CACHE_DEVICE)
+
+    return Captured(
+        captured.inputs.map_batched(gather, sum(rows)),
+        None if captured.output is None else gather(captured.output),
+        None if captured.layer_outputs is None else [gather(t) for t in captured.layer_outputs],
+    )
+
+
+def _capture(
+    model: nn.Module,
+    targets: Sequence[CaptureTarget],
+    calib: CalibrationSet,
+    batch_size: int,
+    device: torch.device,
+    *,
+    weights: bool,
+    activations: bool,
+) -> list[Captured]:
+    """``capture_units`` in one process, on all of ``calib``."""
     set_quant_state(model, weights, activations)
     inputs: list[list[tuple[tuple, dict]]] = [[] for _ in targets]
     outputs: list[list[torch.Tensor]] = [[] for _ in targets]
@@ -236,6 +303,11 @@ class FloatCaches:
     float layer outputs). A unit whose layer outputs alone would overflow the budget gets
     them recomputed at each iteration instead. Which caches a step gets depends only on the
     step and the budget, not on where a run starts: a resumed run caches the same.
+
+    Data-parallel runs fill them on every rank, not split: one float pass serves a whole group
+    of units, and gathering its captures (every layer output of the group) would move more
+    bytes than the pass costs to compute (``edadm.quant.data_parallel``). The budget holds
+    for every rank.
     """
 
     def __init__(

@@ -31,6 +31,12 @@ Resumable: ``run_reconstruction`` checkpoints every finished step under ``work_d
 a hash of the configs, the calibration data and the model weights), with its report entry and
 its timing. Random batches and QDrop masks come from a generator seeded per step from
 ``recon.seed``, so a resumed run writes the same bytes as an uninterrupted one.
+
+Data-parallel under torchrun (``dist``; ``edadm.quant.data_parallel`` says what is split and
+how): every rank runs every step on its share of the work and holds the same state after it;
+rank 0 initialises the activation ranges (and broadcasts them), writes the checkpoints and the
+artifacts. The result does not depend on the number of ranks (up to floating-point summation
+order), so neither the run key nor the artifacts record it; a run resumes on any number.
 """
 
 from __future__ import annotations
@@ -51,10 +57,12 @@ from tqdm.auto import tqdm
 from edadm.artifacts import atomic_output, write_json
 from edadm.calib.calibration_set import CalibrationSet
 from edadm.config import as_dict
+from edadm.distributed import Dist
 from edadm.quant.block_reconstruction import Phase, evaluate_unit, reconstruct_unit
 from edadm.quant.blocks import Unit
 from edadm.quant.caching import CaptureTarget, FloatCaches, UnitCache, capture_units
 from edadm.quant.config import QuantConfig, ReconConfig
+from edadm.quant.data_parallel import check_world
 from edadm.quant.model import calibrate_activations, quant_info, quantize_model, set_quant_state
 from edadm.quant.state import (
     SCHEMA_VERSION,
@@ -165,25 +173,31 @@ def reconstruct(
     *,
     store: CheckpointStore | None = None,
     callback: StepCallback | None = None,
+    dist: Dist | None = None,
 ) -> ReconResult:
     """Reconstruct a quantized model (``quantize_model``) in place; returns report and timings.
 
     ``store`` checkpoints every finished step and skips the steps it already holds;
-    ``callback(step_name, entry)`` runs after each step is checkpointed.
+    ``callback(step_name, entry)`` runs after each step is checkpointed (on every rank).
+    ``dist``: this rank of a data-parallel run (None: one process); rank 0 saves the checkpoints.
     """
+    dist = dist or Dist()
     device = torch.device(device)
     model.to(device).eval().requires_grad_(False)
     info = quant_info(model)
     if info.timestep_groups is not None:
         info.timestep_groups.check_covers(calib.t)  # before anything costly
+    check_world(dist, len(calib), config.batch_size)
     lrs = config.learning_rates(info.config.w_bits)
     modules = dict(model.named_modules())
     steps = plan_steps(model, config)
-    finished = store.finished([s.name for s in steps]) if store else []
+    finished = store.finished([s.name for s in steps]) if store and dist.is_main else []
+    if dist.active:
+        finished = dist.broadcast(finished)  # rank 0's reading: the others load the same files
     float_caches = FloatCaches(model, calib, config, device)
     entries: list[dict[str, Any]] = []
     timings: dict[str, dict[str, Any]] = {}
-    progress = tqdm(steps, desc=f"reconstruct ({config.method})", unit="unit")
+    progress = tqdm(steps, desc=f"reconstruct ({config.method})", unit="unit", disable=not dist.is_main)
     for i, step in enumerate(progress):
         progress.set_postfix_str(step.name[-40:])
         if i < len(finished):
@@ -194,23 +208,42 @@ def reconstruct(
             continue
         tick = time.perf_counter()
         if step.kind == "calibrate":
-            calibrate_activations(model, calib.batches(config.init_batch_size, device))
+            state = _calibrate_step(model, calib, config, device, dist)
             entry, timing = {"step": step.name, "phase": "calibrate"}, {}
-            state = quant_state_dict(model, activations_only=True)
         else:
             entry, timing = _reconstruct_step(
-                model, modules, steps, i, float_caches, calib, config, lrs, device
+                model, modules, steps, i, float_caches, calib, config, lrs, device, dist
             )
             state = quant_state_dict(modules[step.unit.name], prefix=step.unit.name)
         timing = {"seconds": round(time.perf_counter() - tick, 3), **timing}
         entries.append(entry)
         timings[step.name] = {**timing, "resumed": False}
-        if store is not None:
+        if store is not None and dist.is_main:
             store.save(step.name, state, {"report": entry, "timing": timing})
         if callback is not None:
             callback(step.name, entry)
     set_quant_state(model, weights=True, activations=True)
     return ReconResult(build_report(config, entries), {"steps_resumed": len(finished), "steps": timings})
+
+
+def _calibrate_step(
+    model: nn.Module, calib: CalibrationSet, config: ReconConfig, device: torch.device, dist: Dist
+) -> dict[str, torch.Tensor]:
+    """Initialise every activation range (METHOD.md 0); returns them (the step's checkpoint).
+
+    Not data-parallel: each batch's range search needs all of its activations and the EMA chains
+    the batches (``edadm.quant.data_parallel``), so rank 0 runs it and broadcasts the ranges.
+    """
+    if dist.is_main:
+        calibrate_activations(model, calib.batches(config.init_batch_size, device))
+        state = quant_state_dict(model, activations_only=True)
+    else:
+        state = None
+    if dist.active:
+        state = dist.broadcast(state)
+        if not dist.is_main:
+            load_quant_state(model, state, strict=False)
+    return state
 
 
 def _reconstruct_step(
@@ -223,6 +256,7 @@ def _reconstruct_step(
     config: ReconConfig,
     lrs: tuple[float, float],
     device: torch.device,
+    dist: Dist,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     """One unit's step: its report entry and its timing (cache and train seconds)."""
     step = steps[i]
@@ -240,6 +274,7 @@ def _reconstruct_step(
         device,
         weights=True,
         activations=phase.act_quant,
+        dist=dist,
     )
     # caches hold the samples in calibration order: sample i's timestep is calib.t[i]
     cache = UnitCache(
@@ -250,13 +285,20 @@ def _reconstruct_step(
     # 2. losses before, learning, losses after
     def evaluate() -> tuple[float, list[float]]:
         return evaluate_unit(
-            unit_module, layers, cache, phase.act_quant, config.cache_batch_size, config.eval_samples, device
+            unit_module,
+            layers,
+            cache,
+            phase.act_quant,
+            config.cache_batch_size,
+            config.eval_samples,
+            device,
+            dist,
         )
 
     before, layers_before = evaluate()
     tick = time.perf_counter()
     iters = reconstruct_unit(
-        unit_module, layers, cache, phase, config, lrs, step_seed(config.seed, step.name), device
+        unit_module, layers, cache, phase, config, lrs, step_seed(config.seed, step.name), device, dist
     )
     train_seconds = time.perf_counter() - tick
     after, layers_after = evaluate() if iters else (before, layers_before)
@@ -342,6 +384,7 @@ def run_reconstruction(
     *,
     callback: StepCallback | None = None,
     timesteps: Sequence[float] | None = None,
+    dist: Dist | None = None,
 ) -> ReconResult:
     """Quantize ``unet`` in place, reconstruct it, write ``out_dir``; return report and timings.
 
@@ -355,11 +398,15 @@ def run_reconstruction(
     timings (``ReconResult.timings``) add ``seconds``, the wall time of this call.
     ``timesteps``: the sampler's, in step order, for ``quant.act_timestep_groups`` > 1 (default:
     those of the dump the calibration set was drawn from, ``calib.attrs``).
+    ``dist``: this rank of a data-parallel run (None: one process). Every rank returns the same
+    report and model; rank 0 writes ``out_dir`` and the checkpoints, and all return once it is
+    written. ``work_dir`` must be one directory for all ranks (one node, or a shared file system).
     """
     if not isinstance(calib, CalibrationSet):
         kind = type(calib).__name__
         raise TypeError(f"calib must be a CalibrationSet (edadm.calib.calibration_set), got {kind}")
     start = time.perf_counter()
+    dist = dist or Dist()
     device = torch.device(device)
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     weights_hash = model_hash(unet)
@@ -382,15 +429,17 @@ def run_reconstruction(
         inplace=True,
         timesteps=timesteps,
     )
-    result = reconstruct(model, calib, recon_config, device, store=store, callback=callback)
+    result = reconstruct(model, calib, recon_config, device, store=store, callback=callback, dist=dist)
     report = {**result.report, "run_key": key}
 
-    manifest = build_manifest(model, recon_config, weights_hash, data_hash, key)
-    with atomic_output(out_dir) as tmp:
-        tmp.mkdir(parents=True)
-        save_quant_state(model, tmp / "state.safetensors")
-        write_json(tmp / "manifest.json", manifest)
-        write_json(tmp / "report.json", report)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    if dist.is_main:
+        manifest = build_manifest(model, recon_config, weights_hash, data_hash, key)
+        with atomic_output(out_dir) as tmp:
+            tmp.mkdir(parents=True)
+            save_quant_state(model, tmp / "state.safetensors")
+            write_json(tmp / "manifest.json", manifest)
+            write_json(tmp / "report.json", report)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    dist.barrier()  # the artifacts exist when any rank returns
     timings = {"seconds": round(time.perf_counter() - start, 3), **result.timings}
     return ReconResult(report, timings)

@@ -1,0 +1,199 @@
+"""Stages under torchrun (torch.distributed, gloo on CPU, 2 ranks): the dump and sample stores
+are bitwise those of one process, a rank killed mid-dump leaves no complete store and the
+rerun completes, and the evaluate stage's metrics do not depend on the number of ranks.
+
+One process runs here (click's test runner); the ranks are real processes, started by
+torchrun directly (``python -m torch.distributed.run ... stages/X.py``) or by the stage itself
+(``dist.nproc_per_node: 2``, the path `dvc exp run -S dist.nproc_per_node=2` takes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+import zarr
+from click.testing import CliRunner
+from diffusers import DDPMPipeline
+from tiny_pipelines import NULL_CLASS, save_class_conditional
+
+from edadm.diffusion.embedded import EmbeddedConfig, build_embedded_scheduler, build_embedded_unet
+from edadm.diffusion.loading import load_diffusion_model, save_model
+from edadm.distributed import Dist
+from edadm.inspect import describe
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+# Rank 1 dies (SIGKILL, no clean-up) right after sampling its first batch, before writing it.
+KILL_RANK_1 = """
+import importlib.util, os, signal
+
+import edadm.diffusion.trajectories as trajectories
+
+sample_batch = trajectories._sample_batch
+
+
+def sample_then_die(*args, **kwargs):
+    result = sample_batch(*args, **kwargs)
+    if os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+
+trajectories._sample_batch = sample_then_die
+# the stage's main, run from here: sys.argv[0] stays this file, which the relaunch runs
+spec = importlib.util.spec_from_file_location("dump_stage", {script!r})
+stage = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(stage)
+stage.main()
+"""
+
+
+def _stage(name: str):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _in_process(name: str, *args: str) -> None:
+    result = CliRunner().invoke(_stage(name), list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+
+def _spawn(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A directory with an unconditional and a class-conditional (guided) model, and params."""
+    path = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(0)
+    tiny = EmbeddedConfig(block_out_channels=(8, 16, 16), image_size=16)
+    unet, scheduler = build_embedded_unet(tiny).eval(), build_embedded_scheduler(tiny)
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path / "uncond")
+    # as the model stage writes it: the class model with its "no class" label recorded
+    source = save_class_conditional(path / "source")
+    save_model(load_diffusion_model(source, null_class=NULL_CLASS), path / "class")
+    params = yaml.safe_load((ROOT / "tests" / "profiles" / "tiny.yaml").read_text())
+    params["reference"]["classifier"]["epochs"] = 1
+    params["sampler"]["steps"] = 4
+    # two dump batches (one a rank) with features for 8 trajectories: rank 1 holds the last 2
+    params["dump"].update(trajectories=12, batch_size=6, feature_batch=8)
+    # three batches of samples and of features: rank 0 takes two, rank 1 a partial one
+    params["sample"].update(n=10, batch_size=4)
+    params["evaluate"]["batch_size"] = 4
+    params["dist"] = {"nproc_per_node": 1, "timeout_s": 120}  # no test waits forever
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    return path
+
+
+def _assert_same_store(one: Path, ranks: Path) -> None:
+    """Bitwise the same arrays and chunk files; attributes the same but ``world_size``."""
+    a, b = zarr.open_group(str(one), mode="r"), zarr.open_group(str(ranks), mode="r")
+    assert a.attrs["complete"] and b.attrs["complete"]
+    assert (a.attrs["world_size"], b.attrs["world_size"]) == (1, 2)
+    assert {**a.attrs, "world_size": 2} == dict(b.attrs)
+    assert sorted(a.array_keys()) == sorted(b.array_keys())
+    for name in a.array_keys():
+        assert a[name].dtype == b[name].dtype and a[name].chunks == b[name].chunks, name
+        assert a[name][...].tobytes() == b[name][...].tobytes(), name
+    # every chunk file and every array's metadata; only the group's zarr.json (the attributes) differs
+    files = sorted(f.relative_to(one) for f in one.rglob("*") if f.is_file())
+    assert files == sorted(f.relative_to(ranks) for f in ranks.rglob("*") if f.is_file())
+    for file in files:
+        if file == Path("zarr.json"):
+            continue
+        assert (one / file).read_bytes() == (ranks / file).read_bytes(), file
+
+
+def test_shards_are_contiguous_whole_chunks_covering_every_item():
+    for n_items, chunk, world_size in [(12, 6, 2), (10, 4, 2), (1024, 256, 3), (5, 4, 4)]:
+        shards = [Dist(rank, world_size).shard(n_items, chunk) for rank in range(world_size)]
+        assert [i for shard in shards for i in shard] == list(range(n_items))
+        assert all(shard.start % chunk == 0 for shard in shards if len(shard))
+        blocks = [-(-len(shard) // chunk) for shard in shards]
+        assert max(blocks) - min(blocks) <= 1, blocks  # even: no rank idles long at the barrier
+
+
+def test_dump_under_torchrun_is_the_one_process_store(project, monkeypatch):
+    monkeypatch.chdir(project)
+    args = ["--params", "params.yaml", "--model", "uncond", "--timings", "timings.json"]
+    _in_process("dump", *args, "--out", "uncond_one.zarr")
+    _ok(_spawn([*TORCHRUN, str(ROOT / "stages" / "dump.py"), *args, "--out", "uncond_ranks.zarr"], project))
+    _assert_same_store(project / "uncond_one.zarr", project / "uncond_ranks.zarr")
+    assert "written by 2 torchrun ranks" in describe(project / "uncond_ranks.zarr")
+    assert json.loads((project / "timings.json").read_text())["world_size"] == 2  # rank 0 wrote it
+
+
+def test_a_killed_rank_leaves_no_store_and_the_rerun_completes(project, monkeypatch):
+    monkeypatch.chdir(project)
+    common = ["--params", "params.yaml", "--model", "class", "--timings", "timings.json"]
+    _in_process("dump", *common, "--out", "class_one.zarr")
+    args = [*common, "--out", "class.zarr"]
+    wrapper = project / "dump_kill_rank_1.py"
+    wrapper.write_text(KILL_RANK_1.format(script=str(ROOT / "stages" / "dump.py")))
+
+    # `python stage`: with dist.nproc_per_node=2 the stage relaunches itself under torchrun
+    killed = _spawn([sys.executable, str(wrapper), *args, "--set", "dist.nproc_per_node=2"], project)
+    assert killed.returncode != 0, "a dead rank must fail the stage"
+    assert "torchrun exited with status" in killed.stderr and "SIGKILL" in killed.stderr
+    assert not (project / "class.zarr").exists()
+    for leftover in project.glob(".class.zarr.tmp-*"):  # rank 0 ended by torchrun: never complete
+        assert zarr.open_group(str(leftover), mode="r").attrs["complete"] is False
+
+    _ok(_spawn([*TORCHRUN, str(ROOT / "stages" / "dump.py"), *args], project))
+    assert not list(project.glob(".class.zarr.*"))  # the rerun removed the dead run's temporary
+    _assert_same_store(project / "class_one.zarr", project / "class.zarr")
+    assert "condition" in zarr.open_group(str(project / "class.zarr"), mode="r")
+
+
+@pytest.fixture(scope="module")
+def samples(project) -> Path:
+    """One process's class-conditional samples (fp.zarr, and quant.zarr: fewer sampler steps,
+    the same seeds and conditions) and the digits reference."""
+    common = ["--params", "params.yaml", "--model", "class", "--timings", "timings.json"]
+    with contextlib.chdir(project):
+        _in_process("sample", "--which", "fp", *common, "--out", "fp.zarr")
+        _in_process("sample", "--which", "fp", *common, "--set", "sampler.steps=3", "--out", "quant.zarr")
+        _in_process("reference", "--params", "params.yaml", "--out", "reference", "--timings", "timings.json")
+    return project
+
+
+def test_samples_under_torchrun_are_the_one_process_samples(samples):
+    args = ["--which", "fp", "--params", "params.yaml", "--model", "class", "--timings", "timings.json"]
+    _ok(_spawn([*TORCHRUN, str(ROOT / "stages" / "sample.py"), *args, "--out", "fp_ranks.zarr"], samples))
+    _assert_same_store(samples / "fp.zarr", samples / "fp_ranks.zarr")
+
+
+def test_evaluate_under_torchrun_gives_the_one_process_metrics(samples, monkeypatch):
+    monkeypatch.chdir(samples)
+    args = ["--params", "params.yaml", "--reference", "reference", "--fp", "fp.zarr", "--quant", "quant.zarr"]
+    _in_process("evaluate", *args, "--out", "eval_one.json", "--grid", "grid_one.png")
+    ranks_args = [*args, "--out", "eval_ranks.json", "--grid", "grid_ranks.png"]
+    _ok(_spawn([*TORCHRUN, str(ROOT / "stages" / "evaluate.py"), *ranks_args], samples))
+    assert (samples / "grid_ranks.png").read_bytes() == (samples / "grid_one.png").read_bytes()
+    one = json.loads((samples / "eval_one.json").read_text())
+    ranks = json.loads((samples / "eval_ranks.json").read_text())
+    assert one["quant"]["n"] == 10 and one["quant"]["class_consistency"] is not None
+    for row in ("fp", "quant"):
+        for key, value in one[row].items():
+            if isinstance(value, float):
+                assert ranks[row][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (row, key)
+            else:
+                assert ranks[row][key] == value, (row, key)
