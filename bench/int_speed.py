@@ -8,14 +8,23 @@ default (1 x 16 x 16, widths 32/64/64) and the architecture of the DDPM CIFAR-10
 parameters). Each is quantized at W8A8 (activation ranges calibrated on random inputs), then
 timed as FP32, fake-quant and integer (``edadm.quant.integer``, backend ``auto`` = oneDNN on
 CPU; ``int_mm`` timed too, as the measurement that decided between them) at batch 1 and 64:
-best of a few forward passes, and a DDIM sampling run (embedded: 100 steps at batch 64; the
-CIFAR model: 10 steps at batch 64; fewer with --quick).
+best of a few forward passes, and a DDIM sampling run at batch 64 (embedded: 100 steps; the
+CIFAR model: 10 steps). FP32 and integer also run compiled (``edadm.quant.compiled``,
+torch.compile / inductor, static shapes): forward at batch 64 and sampling, their compile
+time reported apart (``compile_seconds``: first call less a steady one; lower when inductor's
+FX graph cache is warm). Sampling runs interleave the variants, so a shared machine's load
+hits FP32 and integer alike; --quick: one forward repeat, no fake-quant sampling.
 
 JSON (printed, and written to PATH): ``cpu``, ``threads``, per model the timings in seconds,
-``speedup_int_vs_fp32`` (the CIFAR-sized model, W8A8, batch 64 forward, same run),
-``speedup_int_vs_fake``, ``int_vs_fake_rel_error`` (mean |int - fake| / mean |fake| of the
+``sampling_speedup_int_vs_fp32`` / ``embedded_sampling_speedup_int_vs_fp32`` (best integer path
+against best FP32 path, eager or compiled, DDIM sampling at batch 64; per model
+``sampling_speedup`` has the eager and compiled ratios beside it), ``speedup_int_vs_fp32``
+(the CIFAR-sized model, W8A8, batch 64 forward, eager, same run),
+``speedup_int_compiled_vs_fp32_compiled`` (the same, compiled), ``speedup_int_vs_fake``,
+``int_vs_fake_rel_error`` (mean |int - fake| / mean |fake| of the
 predicted noise at W8A8 on the pipeline's trained model when artifacts/model exists, else on
-the CIFAR-sized one; per model ``accuracy`` adds the float64 floor, see ``accuracy``),
+the CIFAR-sized one; per model ``accuracy`` adds the float64 floor, see ``accuracy``, and
+``accuracy_compiled`` the same for the compiled integer model),
 ``w8_size_ratio`` and ``w4_size_ratio`` (exported safetensors bytes / FP32 safetensors bytes of
 the CIFAR-sized model). W4 weights run on the same int8 kernels (unpacked at load).
 """
@@ -41,6 +50,7 @@ from edadm.diffusion.embedded import build_embedded_unet  # noqa: E402
 from edadm.diffusion.loading import load_unet  # noqa: E402
 from edadm.diffusion.sampling import SamplerConfig, sample  # noqa: E402
 from edadm.quant import QuantConfig, calibrate_activations, quantize_model  # noqa: E402
+from edadm.quant.compiled import compile_integer  # noqa: E402
 from edadm.quant.export import export_quantized  # noqa: E402
 from edadm.quant.integer import to_integer  # noqa: E402
 from edadm.runtime import cpu_name  # noqa: E402
@@ -82,13 +92,25 @@ def quantized(unet: UNet2DModel, w_bits: int, a_bits: int) -> torch.nn.Module:
 
 @torch.no_grad()
 def best_seconds(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, repeats: int) -> float:
-    model(x, t)  # warm-up: oneDNN primitive creation, allocator
+    model(x, t)  # warm-up: oneDNN primitive creation, allocator (and compilation)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         model(x, t)
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+@torch.no_grad()
+def compile_seconds(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
+    """Seconds of the first call of a compiled model (tracing, code generation, C++ build), less
+    one steady call: what compiling costs once per run (less with inductor's warm FX cache)."""
+    start = time.perf_counter()
+    model(x, t)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    model(x, t)
+    return first - (time.perf_counter() - start)
 
 
 @torch.no_grad()
@@ -100,33 +122,58 @@ def sampling_seconds(model: torch.nn.Module, unet: UNet2DModel, batch: int, step
     return time.perf_counter() - start
 
 
-def bench_model(name: str, unet: UNet2DModel, sampling: tuple[int, int], repeats: int) -> dict:
-    """Forward and sampling seconds of FP32, fake W8A8 and integer W8A8 (both backends)."""
+def bench_model(name: str, unet: UNet2DModel, sampling: tuple[int, int], repeats: int, quick: bool) -> dict:
+    """Forward and sampling seconds of FP32 and integer W8A8, eager and compiled, and fake W8A8.
+
+    Compiled variants (``edadm.quant.compiled``, static shapes) are timed at the sampling batch
+    only, after their compilation, which is reported apart. Sampling runs are interleaved (FP32,
+    integer, FP32, ...) so that load on a shared machine hits both alike.
+    """
+    batch, steps = sampling
     fake = quantized(unet, 8, 8)
     variants = {"fp32": unet, "fake": fake}
     for backend in ("onednn", "int_mm"):
         variants[f"int_{backend}"] = copy.deepcopy(fake)
         to_integer(variants[f"int_{backend}"], backend)
+    compiled = {
+        "fp32_compiled": compile_integer(unet),
+        "int_compiled": compile_integer(variants["int_onednn"]),
+    }
     out = {"parameters": sum(p.numel() for p in unet.parameters()), "forward": {}}
-    for batch in (1, 64):
-        x, t = inputs(unet, batch, seed=4)
-        out["forward"][f"batch{batch}"] = {
-            v: best_seconds(m, x, t, repeats) for v, m in variants.items() if v != "int_int_mm" or batch == 1
+    x, t = inputs(unet, batch, seed=4)
+    out["compile_seconds"] = {v: compile_seconds(m, x, t) for v, m in compiled.items()}
+    print(f"{name} compile: {out['compile_seconds']}", file=sys.stderr)
+    variants.update(compiled)
+    for size in (1, batch):
+        x, t = inputs(unet, size, seed=4)
+        out["forward"][f"batch{size}"] = {
+            v: best_seconds(m, x, t, repeats)
+            for v, m in variants.items()
+            if (v != "int_int_mm" or size == 1) and ("compiled" not in v or size == batch)
         }
-        print(f"{name} batch {batch}: {out['forward'][f'batch{batch}']}", file=sys.stderr)
+        print(f"{name} batch {size}: {out['forward'][f'batch{size}']}", file=sys.stderr)
     out["accuracy"] = accuracy(fake, variants["int_onednn"], unet)
-    batch, steps = sampling
+    out["accuracy_compiled"] = accuracy(fake, variants["int_compiled"], unet, batch)
+    timed = ["fp32", "int_onednn", "fp32_compiled", "int_compiled"] + ([] if quick else ["fake"])
     out["sampling"] = {
         "batch": batch,
         "steps": steps,
-        **{v: sampling_seconds(variants[v], unet, batch, steps) for v in ("fp32", "fake", "int_onednn")},
+        **{v: sampling_seconds(variants[v], unet, batch, steps) for v in timed},
     }
     print(f"{name} sampling: {out['sampling']}", file=sys.stderr)
+    timings = out["sampling"]
+    out["sampling_speedup"] = {
+        "eager_int_vs_fp32": timings["fp32"] / timings["int_onednn"],
+        "compiled_int_vs_fp32": timings["fp32_compiled"] / timings["int_compiled"],
+        "int_compiled_vs_fp32_eager": timings["fp32"] / timings["int_compiled"],
+        "best_int_vs_best_fp32": min(timings["fp32"], timings["fp32_compiled"])
+        / min(timings["int_onednn"], timings["int_compiled"]),
+    }
     return out
 
 
 @torch.no_grad()
-def accuracy(fake: torch.nn.Module, integer: torch.nn.Module, unet: UNet2DModel) -> dict:
+def accuracy(fake: torch.nn.Module, integer: torch.nn.Module, unet: UNet2DModel, batch: int = 8) -> dict:
     """Mean relative errors of the predicted noise (8 random inputs): integer vs fake, and the floor.
 
     The floor is fake quantization against itself in float64: float32 rounding flips a few
@@ -134,7 +181,7 @@ def accuracy(fake: torch.nn.Module, integer: torch.nn.Module, unet: UNet2DModel)
     trained network much less). An integer path as exact as fake quantization has
     ``int_vs_fake64`` no larger than ``fake_vs_fake64``.
     """
-    x, t = inputs(unet, 8, seed=5)
+    x, t = inputs(unet, batch, seed=5)  # a compiled model: its compiled batch
 
     def rel(y: torch.Tensor, reference: torch.Tensor) -> float:
         return float((y - reference).abs().mean() / reference.abs().mean())
@@ -179,7 +226,7 @@ def size_ratios(unet: UNet2DModel) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and sampling steps (~1 min)")
+    parser.add_argument("--quick", action="store_true", help="one repeat, no fake-quant sampling")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     parser.add_argument(
@@ -195,12 +242,18 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "quick": args.quick,
-        "embedded": bench_model("embedded", embedded, (64, 20 if args.quick else 100), repeats),
-        "cifar": bench_model("cifar", cifar, (64, 2 if args.quick else 10), repeats),
+        "embedded": bench_model("embedded", embedded, (64, 100), repeats, args.quick),
+        "cifar": bench_model("cifar", cifar, (64, 10), repeats, args.quick),
     }
     cifar64 = output["cifar"]["forward"]["batch64"]
     output["speedup_int_vs_fp32"] = cifar64["fp32"] / cifar64["int_onednn"]
     output["speedup_int_vs_fake"] = cifar64["fake"] / cifar64["int_onednn"]
+    output["speedup_int_compiled_vs_fp32_compiled"] = cifar64["fp32_compiled"] / cifar64["int_compiled"]
+    # the issue's targets: best integer path against best FP32 path, DDIM sampling at batch 64
+    output["sampling_speedup_int_vs_fp32"] = output["cifar"]["sampling_speedup"]["best_int_vs_best_fp32"]
+    output["embedded_sampling_speedup_int_vs_fp32"] = output["embedded"]["sampling_speedup"][
+        "best_int_vs_best_fp32"
+    ]
     output["trained_embedded_w8a8"] = trained_accuracy(args.trained)
     # the issue's accuracy figure: on the trained model where there is one (random weights
     # amplify float-rounding code flips; see `accuracy`)

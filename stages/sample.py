@@ -75,6 +75,10 @@ def main(
 
             report = to_integer(unet, config.int_backend)
             attrs["integer"] = {"backend": report.backend, "fake_layers": report.fake_layers}
+            if config.int_compile:  # once per stage run; inductor's FX graph cache spans runs
+                from edadm.quant.compiled import compile_integer
+
+                unet = compile_integer(unet)
     out = out or f"artifacts/samples/{which}.zarr"
     with timed(timings or f"metrics/timings/sample_{which}.json", write=dist.is_main) as details:
         details["world_size"] = dist.world_size

@@ -60,6 +60,8 @@ class SampleConfig:
     # int: the quantized Conv2d / Linear layers on int8 kernels (edadm.quant.integer)
     mode: Literal["fake", "int"] = "fake"
     int_backend: Literal["auto", "onednn", "int_mm"] = "auto"  # auto: onednn on CPU, int_mm on CUDA
+    # mode int: torch.compile the integer UNet (edadm.quant.compiled): same codes, fused element-wise work
+    int_compile: bool = False
 
     def __post_init__(self) -> None:
         check_range("sample.n", self.n, 1)

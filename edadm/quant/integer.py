@@ -16,6 +16,8 @@ Backends (``backend=``):
   Xeon a 3x3 conv at 128 channels, 32x32, batch 16 took 10.8 ms against 56.8 ms in FP32, the
   same as the eager ``quantized.conv2d`` op (10.0 ms + quantize / dequantize) which needs the
   deprecated quantized tensors and an output scale that fake quantization does not have.
+  Called through the custom ops below, so ``torch.compile`` keeps them as they are
+  (``edadm.quant.compiled``: the compiled integer UNet, ``sample.int_compile``).
 - ``int_mm``: ``torch._int_mm`` (int8 x int8 -> int32 GEMM, cuBLASLt on CUDA), convolutions
   through unfold; the GPU path, and a portable reference on CPU (slow there: unfold copies).
 - ``auto``: onednn on CPU when PyTorch has it, int_mm on CUDA.
@@ -74,6 +76,79 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
             f"available: {onednn_available()}); use backend 'int_mm' or 'auto'"
         )
     return backend
+
+
+# The oneDNN kernels as opaque custom ops: torch.compile (edadm.quant.compiled) then calls them
+# as they are, with the packed weights as inputs, instead of inductor's own int8 lowering, which
+# needs frozen constant weights and would requantize the output. Eager runs the same calls.
+# Inductor's FX graph cache does not hash an op's Python body: a change of its contract (the
+# convolution's layout) takes a new op name, or old cached graphs assume the old one.
+@torch.library.custom_op("edadm::onednn_qconv2d_channels_last", mutates_args=())
+def onednn_qconv2d(
+    codes: torch.Tensor,
+    scale: float,
+    zero_point: int,
+    packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_points: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    out_channels: int,
+    kernel_size: list[int],
+) -> torch.Tensor:
+    """int8 convolution of uint8 ``codes`` [B, C, H, W] -> float32 [B, out_channels, H', W'].
+
+    Channels-last in and out: oneDNN's own layout, so its output needs no reorder and the
+    element-wise ops after it (and the next layer's codes) stay channels-last; the fake kernel
+    promises these strides to inductor.
+    """
+    return torch.ops.onednn.qconv2d_pointwise(
+        codes.contiguous(memory_format=torch.channels_last), scale, zero_point, packed,
+        weight_scale, weight_zero_points, bias, stride, padding, dilation, groups,
+        1.0, 0, torch.float32, "none", [], "",
+    ).contiguous(memory_format=torch.channels_last)  # fmt: skip
+
+
+@onednn_qconv2d.register_fake
+def _(codes, scale, zero_point, packed, weight_scale, weight_zero_points, bias,
+      stride, padding, dilation, groups, out_channels, kernel_size):  # fmt: skip
+    batch, _, height, width = codes.shape
+    out_h, out_w = (
+        (size + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
+        for i, size in enumerate((height, width))
+    )
+    return torch.empty(
+        (batch, out_channels, out_h, out_w),
+        dtype=torch.float32,
+        device=codes.device,
+        memory_format=torch.channels_last,
+    )
+
+
+@torch.library.custom_op("edadm::onednn_qlinear", mutates_args=())
+def onednn_qlinear(
+    codes: torch.Tensor,
+    scale: float,
+    zero_point: int,
+    packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_points: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_features: int,
+) -> torch.Tensor:
+    """int8 linear layer of uint8 ``codes`` [M, K] -> float32 [M, out_features]."""
+    return torch.ops.onednn.qlinear_pointwise(
+        codes.contiguous(), scale, zero_point, packed, weight_scale, weight_zero_points, bias,
+        1.0, 0, torch.float32, "none", [], "",
+    ).contiguous()  # fmt: skip
+
+
+@onednn_qlinear.register_fake
+def _(codes, scale, zero_point, packed, weight_scale, weight_zero_points, bias, out_features):
+    return codes.new_empty((codes.shape[0], out_features), dtype=torch.float32)
 
 
 @dataclass
@@ -202,16 +277,15 @@ class IntegerLayer(nn.Module):
     ) -> torch.Tensor:
         scale, zero_point, packed = part.act_scales[group], part.act_zero_points[group], part.packed[group]
         if self.layer_type == "Conv2d":
-            return torch.ops.onednn.qconv2d_pointwise(
-                codes, scale, zero_point, packed,
-                part.weight_scale, self.weight_zero_points, bias,
-                self.stride, self.padding, self.dilation, self.groups,
-                1.0, 0, torch.float32, "none", [], "",
+            return onednn_qconv2d(
+                codes, scale, zero_point, packed, part.weight_scale, self.weight_zero_points, bias,
+                self.stride, self.padding, self.dilation, self.groups, self.out_channels,
+                list(self.kernel_size),
             )  # fmt: skip
         lead = codes.shape[:-1]
-        y = torch.ops.onednn.qlinear_pointwise(
+        y = onednn_qlinear(
             codes.reshape(-1, codes.shape[-1]), scale, zero_point, packed,
-            part.weight_scale, self.weight_zero_points, bias, 1.0, 0, torch.float32, "none", [], "",
+            part.weight_scale, self.weight_zero_points, bias, self.out_channels,
         )  # fmt: skip
         return y.reshape(*lead, self.out_channels)
 
