@@ -10,7 +10,6 @@ torchrun directly (``python -m torch.distributed.run ... stages/X.py``) or by th
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,8 +20,8 @@ import pytest
 import torch
 import yaml
 import zarr
-from click.testing import CliRunner
 from diffusers import DDPMPipeline
+from stage_runner import run_stage
 from tiny_pipelines import NULL_CLASS, save_class_conditional
 
 from edadm.diffusion.embedded import EmbeddedConfig, build_embedded_scheduler, build_embedded_unet
@@ -56,18 +55,6 @@ stage = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(stage)
 stage.main()
 """
-
-
-def _stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def _in_process(name: str, *args: str) -> None:
-    result = CliRunner().invoke(_stage(name), list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
 
 
 def _spawn(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -134,7 +121,7 @@ def test_shards_are_contiguous_whole_chunks_covering_every_item():
 def test_dump_under_torchrun_is_the_one_process_store(project, monkeypatch):
     monkeypatch.chdir(project)
     args = ["--params", "params.yaml", "--model", "uncond", "--timings", "timings.json"]
-    _in_process("dump", *args, "--out", "uncond_one.zarr")
+    run_stage("dump", *args, "--out", "uncond_one.zarr")
     _ok(_spawn([*TORCHRUN, str(ROOT / "stages" / "dump.py"), *args, "--out", "uncond_ranks.zarr"], project))
     _assert_same_store(project / "uncond_one.zarr", project / "uncond_ranks.zarr")
     assert "written by 2 torchrun ranks" in describe(project / "uncond_ranks.zarr")
@@ -144,7 +131,7 @@ def test_dump_under_torchrun_is_the_one_process_store(project, monkeypatch):
 def test_a_killed_rank_leaves_no_store_and_the_rerun_completes(project, monkeypatch):
     monkeypatch.chdir(project)
     common = ["--params", "params.yaml", "--model", "class", "--timings", "timings.json"]
-    _in_process("dump", *common, "--out", "class_one.zarr")
+    run_stage("dump", *common, "--out", "class_one.zarr")
     args = [*common, "--out", "class.zarr"]
     wrapper = project / "dump_kill_rank_1.py"
     wrapper.write_text(KILL_RANK_1.format(script=str(ROOT / "stages" / "dump.py")))
@@ -169,9 +156,9 @@ def samples(project) -> Path:
     the same seeds and conditions) and the digits reference."""
     common = ["--params", "params.yaml", "--model", "class", "--timings", "timings.json"]
     with contextlib.chdir(project):
-        _in_process("sample", "--which", "fp", *common, "--out", "fp.zarr")
-        _in_process("sample", "--which", "fp", *common, "--set", "sampler.steps=3", "--out", "quant.zarr")
-        _in_process("reference", "--params", "params.yaml", "--out", "reference", "--timings", "timings.json")
+        run_stage("sample", "--which", "fp", *common, "--out", "fp.zarr")
+        run_stage("sample", "--which", "fp", *common, "--set", "sampler.steps=3", "--out", "quant.zarr")
+        run_stage("reference", "--params", "params.yaml", "--out", "reference", "--timings", "timings.json")
     return project
 
 
@@ -184,7 +171,7 @@ def test_samples_under_torchrun_are_the_one_process_samples(samples):
 def test_evaluate_under_torchrun_gives_the_one_process_metrics(samples, monkeypatch):
     monkeypatch.chdir(samples)
     args = ["--params", "params.yaml", "--reference", "reference", "--fp", "fp.zarr", "--quant", "quant.zarr"]
-    _in_process("evaluate", *args, "--out", "eval_one.json", "--grid", "grid_one.png")
+    run_stage("evaluate", *args, "--out", "eval_one.json", "--grid", "grid_one.png")
     ranks_args = [*args, "--out", "eval_ranks.json", "--grid", "grid_ranks.png"]
     _ok(_spawn([*TORCHRUN, str(ROOT / "stages" / "evaluate.py"), *ranks_args], samples))
     assert (samples / "grid_ranks.png").read_bytes() == (samples / "grid_one.png").read_bytes()

@@ -8,7 +8,6 @@ int), evaluate.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 import yaml
 import zarr
-from click.testing import CliRunner
+from stage_runner import run_stage
 from tiny_pipelines import NULL_CLASS, NUM_CLASSES, save_class_conditional, save_latent, save_text_to_image
 
 from edadm.artifacts import ArtifactError
@@ -28,19 +27,6 @@ from edadm.diffusion.loading import load_diffusion_model
 from edadm.inspect import describe
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["model", "reference", "dump", "selection", "reconstruct", "sample", "evaluate"]
-
-
-def _stage(name: str):
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def _run(name: str, *args: str) -> None:
-    result = CliRunner().invoke(_stage(name), list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
 
 
 def _params(model_dir: Path, **model: object) -> dict:
@@ -66,16 +52,16 @@ def test_each_model_kind_runs_through_every_stage(kind, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(params))
 
-    _run("model")
+    run_stage("model")
     assert f"kind: {KIND_NAMES[kind]}" in describe("artifacts/model")
-    _run("reference")
-    _run("dump")
-    _run("selection")
-    _run("reconstruct")
-    _run("sample", "--which", "fp")
-    _run("sample", "--which", "quant")
-    _run("sample", "--which", "quant", "--set", "sample.mode=int", "--out", "artifacts/samples/int.zarr")
-    _run("evaluate")
+    run_stage("reference")
+    run_stage("dump")
+    run_stage("selection")
+    run_stage("reconstruct")
+    run_stage("sample", "--which", "fp")
+    run_stage("sample", "--which", "quant")
+    run_stage("sample", "--which", "quant", "--set", "sample.mode=int", "--out", "artifacts/samples/int.zarr")
+    run_stage("evaluate")
 
     dump = zarr.open_group("artifacts/trajectories.zarr", mode="r")
     calib = load_calibration("artifacts/calib.zarr")
