@@ -141,8 +141,12 @@ def test_a_killed_rank_leaves_no_store_and_the_rerun_completes(project, monkeypa
     assert killed.returncode != 0, "a dead rank must fail the stage"
     assert "torchrun exited with status" in killed.stderr and "SIGKILL" in killed.stderr
     assert not (project / "class.zarr").exists()
-    for leftover in project.glob(".class.zarr.tmp-*"):  # rank 0 ended by torchrun: never complete
-        assert zarr.open_group(str(leftover), mode="r").attrs["complete"] is False
+    # rank 0, ended by torchrun, may leave its temporary at any point of being written or removed
+    # (even without its group metadata), but never marked complete
+    for leftover in project.glob(".class.zarr.tmp-*"):
+        metadata = leftover / "zarr.json"
+        if metadata.exists():
+            assert json.loads(metadata.read_text())["attributes"]["complete"] is False
 
     _ok(_spawn([*TORCHRUN, str(ROOT / "stages" / "dump.py"), *args], project))
     assert not list(project.glob(".class.zarr.*"))  # the rerun removed the dead run's temporary
