@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator, Mapping
@@ -148,7 +149,19 @@ def _relaunch(nproc: int) -> int:
     # torchrun gives each rank one thread when OMP_NUM_THREADS is unset: share the cores instead
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    status = subprocess.call(command, env=env)
+    child = subprocess.Popen(command, env=env)
+    # A SIGTERM (a job scheduler, `kill`) reaches only this process, and an interrupt would
+    # otherwise end it while torchrun runs on: pass both to torchrun, which stops its ranks, and
+    # wait for it, so that the stage ends with no rank left running.
+    forwarded = (signal.SIGTERM, signal.SIGINT)
+    previous = {
+        signum: signal.signal(signum, lambda signum, _: child.send_signal(signum)) for signum in forwarded
+    }
+    try:
+        status = child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if status:
         # torchrun has printed which rank failed and how; a store is only marked complete once
         # every rank has written its region, so rerunning the stage redoes the work.

@@ -74,7 +74,11 @@ def main(
             from edadm.quant.integer import to_integer
 
             report = to_integer(unet, config.int_backend)
-            attrs["integer"] = {"backend": report.backend, "fake_layers": report.fake_layers}
+            attrs["integer"] = {
+                "backend": report.backend,
+                "fake_layers": report.fake_layers,
+                "integer_attention": report.integer_attention,
+            }
             if config.int_compile:  # once per stage run; inductor's FX graph cache spans runs
                 from edadm.quant.compiled import compile_integer
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,17 @@ stage = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(stage)
 stage.main()
 """
+
+# every rank records its pid, then hangs in its first batch, as a stage stuck or slow would
+HANG_IN_FIRST_BATCH = KILL_RANK_1.replace(
+    """    result = sample_batch(*args, **kwargs)
+    if os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result""",
+    """    with open(f"rank{{os.environ['RANK']}}.pid", "w") as pid_file:
+        pid_file.write(str(os.getpid()))
+    signal.pause()""",
+)
 
 
 def _spawn(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -152,6 +165,36 @@ def test_a_killed_rank_leaves_no_store_and_the_rerun_completes(project, monkeypa
     assert not list(project.glob(".class.zarr.*"))  # the rerun removed the dead run's temporary
     _assert_same_store(project / "class_one.zarr", project / "class.zarr")
     assert "condition" in zarr.open_group(str(project / "class.zarr"), mode="r")
+
+
+def test_sigterm_to_the_relaunching_stage_stops_torchrun_and_every_rank(project):
+    """A scheduler's SIGTERM reaches only `python stage`: it must end torchrun and its ranks too."""
+    wrapper = project / "dump_hang.py"
+    wrapper.write_text(HANG_IN_FIRST_BATCH.format(script=str(ROOT / "stages" / "dump.py")))
+    args = ["--params", "params.yaml", "--model", "uncond", "--timings", "timings.json", "--out", "hang.zarr"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    stage = subprocess.Popen(
+        [sys.executable, str(wrapper), *args, "--set", "dist.nproc_per_node=2"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    pid_files = [project / f"rank{rank}.pid" for rank in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all(f.exists() and f.read_text() for f in pid_files):
+        assert stage.poll() is None and time.monotonic() < deadline, "the ranks never started"
+        time.sleep(0.2)
+    ranks = [int(f.read_text()) for f in pid_files]
+
+    stage.send_signal(signal.SIGTERM)
+    _, stderr = stage.communicate(timeout=60)
+    assert stage.returncode != 0 and "torchrun exited with status" in stderr
+    for pid in ranks:  # torchrun has ended its ranks before it exited
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (project / "hang.zarr").exists()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 
 import edadm.diffusion.embedded as embedded
 from edadm.artifacts import ArtifactError
-from edadm.config import ParamError, from_dict
+from edadm.config import ParamError, from_dict, load_params, load_section
 from edadm.data import digits_split
 from edadm.diffusion.embedded import (
     NULL_LABEL,
@@ -27,8 +27,7 @@ from edadm.diffusion.embedded import (
     shipped_weights_paths,
     train_embedded,
 )
-from edadm.diffusion.loading import DiffusionModel, kind_from_unet, model_hash, save_model
-from edadm.diffusion.sampling import SamplerConfig
+from edadm.diffusion.loading import DiffusionModel, ModelConfig, kind_from_unet, model_hash, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -192,20 +191,17 @@ def test_the_package_weights_load_with_the_new_fields_at_their_defaults():
     assert unet.class_embedding is None
 
 
-def test_guided_sampling_batches_the_unconditional_and_conditional_passes(class_model):
-    curve = _script(ROOT / "bench" / "training_curve.py")
-    unet, scheduler = class_model
-    config = SamplerConfig(steps=5)
-    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    labels = torch.tensor([1, 4, 4, 9])
-    null = torch.full_like(labels, NULL_LABEL)
-    # scale 0 is the unconditional eps from the [uncond; cond] batch; scale 1 the conditional pass alone
-    unconditional = curve.guided_sample(unet, scheduler, noise, labels, 0.0, config)
-    torch.testing.assert_close(unconditional, curve.guided_sample(unet, scheduler, noise, null, 1.0, config))
-    conditional = curve.guided_sample(unet, scheduler, noise, labels, 1.0, config)
-    guided = curve.guided_sample(unet, scheduler, noise, labels, 3.0, config)
-    assert guided.shape == noise.shape and torch.isfinite(guided).all()
-    assert not torch.allclose(guided, conditional) and not torch.allclose(conditional, unconditional)
-    requested = curve.requested_labels(2000, seed=0)
-    assert requested.min() == 0 and requested.max() == NUM_CLASSES - 1
-    assert np.array_equal(requested, curve.requested_labels(2000, seed=0))
+def test_the_package_ships_the_class_weights_and_they_take_digit_labels():
+    """``model.embedded.conditioning: class`` with ``source: embedded`` loads the shipped class model."""
+    meta = json.loads(shipped_weights_paths(conditioning="class")[1].read_text())
+    recipe = from_dict(EmbeddedConfig, meta["recipe"], "model.embedded")
+    # one param selects it: params.yaml's recipe with conditioning: class is the shipped one
+    params = load_params(ROOT / "params.yaml", ["model.embedded.conditioning=class"])
+    assert recipe == load_section(ModelConfig, "model", params).embedded
+    unet, _, log = load_embedded_weights(recipe)
+    assert unet.config.num_class_embeds == NUM_CLASSES + 1 and log["weights_sha256"] == meta["sha256"]
+    # a trained class model: the label changes the noise prediction
+    x, t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 500])
+    with torch.no_grad():
+        three, seven = (unet(x, t, class_labels=torch.tensor([y, y])).sample for y in (3, 7))
+    assert (three - seven).abs().mean() > 1e-3

@@ -7,12 +7,21 @@ import copy
 import numpy as np
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention
 from tiny_models import fake_and_integer_samples, tiny_attn_unet, tiny_calib
 
 from edadm.diffusion.samples import SampleConfig
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.quant import QuantConfig, calibrate_activations, quantize_model
-from edadm.quant.integer import IntegerLayer, int_mm, onednn_available, to_integer
+from edadm.quant.integer import (
+    IntegerAttnProcessor,
+    IntegerLayer,
+    affine_bmm,
+    int_mm,
+    onednn_available,
+    shifted_codes,
+    to_integer,
+)
 from edadm.quant.layers import QuantLayer
 
 BACKENDS = ["int_mm"] + (["onednn"] if onednn_available() else [])
@@ -44,6 +53,10 @@ def test_integer_model_matches_fake_quantization(backend: str, w_bits: int, a_bi
     assert report.backend == backend
     # every layer but conv_out (input in float, METHOD.md 0) runs integer, split shortcuts included
     assert list(report.fake_layers) == ["conv_out"]
+    # and both products of every attention
+    attentions = [n for n, m in model.named_modules() if isinstance(m, Attention)]
+    assert attentions and report.integer_attention == attentions
+    assert all(isinstance(integer_model.get_submodule(n).processor, IntegerAttnProcessor) for n in attentions)
     splits = [n for n, m in model.named_modules() if isinstance(m, QuantLayer) and m.split]
     assert splits and all(isinstance(integer_model.get_submodule(n), IntegerLayer) for n in splits)
     assert len(integer_model.get_submodule(splits[0]).parts) == 2
@@ -82,4 +95,46 @@ def test_int_mm_pads_to_the_kernel_shape_rules() -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.randint(-128, 128, (5, 27), generator=g, dtype=torch.int8)  # M <= 16, K not a multiple of 8
     b = torch.randint(-128, 128, (27, 3), generator=g, dtype=torch.int8)
-    assert torch.equal(int_mm(a, b), a.int() @ b.int())
+    assert torch.equal(int_mm(a, b, pad=True), a.int() @ b.int())
+    assert torch.equal(int_mm(a, b, pad=False), a.int() @ b.int())
+
+
+def test_affine_bmm_is_the_exact_product_of_the_shifted_codes() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (6, 5, 77), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (6, 77, 9), generator=g, dtype=torch.int8)
+    a_offset = torch.tensor([128, 0, 120, 128, 0, 1], dtype=torch.int32)  # 128 - zero_point
+    b_offset = torch.tensor([0, 128, 8, 128, 128, 0], dtype=torch.int32)
+    expected = (a.long() + a_offset[:, None, None]) @ (b.long() + b_offset[:, None, None])
+    assert torch.equal(affine_bmm(a, a_offset, b, b_offset).long(), expected)
+
+
+@pytest.mark.parametrize("a_bits", [8, 4])
+def test_shifted_codes_give_the_fake_quantized_values(a_bits: int) -> None:
+    model = calibrated(8, a_bits)
+    processor = next(m.processor for m in model.modules() if isinstance(m, Attention))
+    x = torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(1))
+    softmax = x.softmax(-1)
+    for quantizer, tensor in [(processor.act_quantizer_q, x), (processor.act_quantizer_w, softmax)]:
+        codes, offset, scale = shifted_codes(quantizer, tensor)
+        assert codes.dtype == torch.int8 and offset.shape == scale.shape == (3,)
+        dequantized = (codes.float() + offset[:, None, None]) * scale[:, None, None]
+        torch.testing.assert_close(dequantized, quantizer(tensor), rtol=0, atol=1e-6)
+
+
+def test_integer_attention_products_match_the_fake_ones() -> None:
+    """Both products on int8 kernels against the fake processor's float products, several heads."""
+    model = calibrated(8, 8)
+    attn = next(m for m in model.modules() if isinstance(m, Attention))
+    fake = attn.processor
+    g = torch.Generator().manual_seed(2)
+    channels = attn.to_q.weight.shape[0]
+    query, key, value = (torch.randn(4, 16, channels, generator=g) for _ in range(3))
+    integer = IntegerAttnProcessor(fake)
+    for heads in (1, 2):
+        attn.heads = heads
+        with torch.no_grad():
+            expected = fake.attend(attn, query, key, value, None)
+            got = integer.attend(attn, query, key, value, None)
+        assert got.shape == expected.shape == (4 * heads, 16, channels // heads)
+        assert relative_error(got, expected) < 1e-4

@@ -12,7 +12,7 @@ recipe; ``bench/ship_embedded.py`` writes them): ``load_embedded_weights`` loads
 ``conditioning: class`` is the class-conditional variant for classifier-free guidance (Ho &
 Salimans 2022): the same UNet with a class embedding of ``NUM_CLASSES + 1`` rows, the digits
 0..9 and ``NULL_LABEL`` (no class), trained with a ``label_dropout`` share of labels replaced
-by ``NULL_LABEL``. Its weights are ``weights/embedded_digits_class.*``.
+by ``NULL_LABEL``. Its converged weights ship too, as ``weights/embedded_digits_class.*``.
 """
 
 from __future__ import annotations
@@ -271,9 +271,8 @@ def load_embedded_weights(
 ) -> tuple[UNet2DModel, DDPMScheduler, dict]:
     """The shipped embedded model (``model.source: embedded``), checked against its sha256 and recipe.
 
-    ``config.conditioning`` picks the file pair (``shipped_weights_paths``): the unconditional
-    weights ship with the package; the class-conditional ones exist once someone has trained
-    and shipped them (``bench/ship_embedded.py``), and are an ArtifactError saying so before.
+    ``config.conditioning`` picks the file pair (``shipped_weights_paths``): the package ships
+    both the unconditional and the class-conditional weights.
     Returns the UNet (float32), the scheduler and the shipped training log plus ``source`` and
     ``weights_sha256``. A damaged file is an ArtifactError; ``config`` (params ``model.embedded``)
     other than the recipe the weights were trained with is a ParamError (the weights would not
@@ -283,7 +282,8 @@ def load_embedded_weights(
     if config.conditioning == "class":
         what = "class-conditional embedded weights"
         fix = (
-            "train the class model instead with model.source: train, or ship a trained one's weights "
+            f"reinstall edadm or `git checkout -- {weights.parent}`, train the class model instead with "
+            "model.source: train, or ship a trained one's weights "
             "with `python bench/ship_embedded.py MODEL_DIR --recipe-set model.embedded.conditioning=class "
             f"--out {weights.parent}`"
         )

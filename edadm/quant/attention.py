@@ -82,6 +82,28 @@ class QuantAttnProcessor(nn.Module):
     ) -> torch.Tensor:
         return x if quantizer is None else quantizer(x, group_repeats)
 
+    def attend(
+        self,
+        attn: Attention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """softmax(q k^T * scale) v on the fake-quantized operands, per head.
+
+        query [B, T, C], key / value [B, S, C] (projections' outputs); returns [B x heads, T, C /
+        heads]. q, k, v are quantized per tensor, so before or after the head split is the same;
+        before it, dim 0 is the batch, as timestep groups need. The softmax output's dim 0 is
+        batch x heads (sample-major).
+        """
+        query = attn.head_to_batch_dim(self._quantize(self.act_quantizer_q, query))
+        key = attn.head_to_batch_dim(self._quantize(self.act_quantizer_k, key))
+        value = attn.head_to_batch_dim(self._quantize(self.act_quantizer_v, value))
+        scores = attn.get_attention_scores(query, key, attention_mask)
+        attention_probs = self._quantize(self.act_quantizer_w, scores, attn.heads)
+        return torch.bmm(attention_probs, value)
+
     def __call__(
         self,
         attn: Attention,
@@ -123,17 +145,8 @@ class QuantAttnProcessor(nn.Module):
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
 
-        # 2. quantized q, k, v (per tensor, so before or after the head split is the same; before
-        #    it, dim 0 is the batch, as timestep groups need)
-        query = attn.head_to_batch_dim(self._quantize(self.act_quantizer_q, query))
-        key = attn.head_to_batch_dim(self._quantize(self.act_quantizer_k, key))
-        value = attn.head_to_batch_dim(self._quantize(self.act_quantizer_v, value))
-
-        # 3. softmax(q k^T * scale), quantized, times v; its dim 0 is batch x heads (sample-major)
-        scores = attn.get_attention_scores(query, key, attention_mask)
-        attention_probs = self._quantize(self.act_quantizer_w, scores, attn.heads)
-        hidden_states = torch.bmm(attention_probs, value)
-        hidden_states = attn.batch_to_head_dim(hidden_states)
+        # 2-3. the products of the quantized q, k, v and softmax output
+        hidden_states = attn.batch_to_head_dim(self.attend(attn, query, key, value, attention_mask))
 
         # 4. output projection and dropout
         hidden_states = attn.to_out[0](hidden_states)

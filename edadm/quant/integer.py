@@ -22,13 +22,18 @@ Backends (``backend=``):
   through unfold; the GPU path, and a portable reference on CPU (slow there: unfold copies).
 - ``auto``: onednn on CPU when PyTorch has it, int_mm on CUDA.
 
+Attention's two products, QK^T and softmax x V, run on int8 kernels too
+(``IntegerAttnProcessor``): q, k, v and the softmax output already have codes (their
+QuantAttnProcessor quantizers), shifted by 128 into int8 with exact int32 corrections for
+the zero-points (``affine_bmm``), one ``int_mm`` per batch x head. Cross-attention's L text
+tokens against the query's h * w need nothing special; its to_k / to_v run integer on the
+text features [B, L, D] like any Linear. A guided batch [uncond; cond] shares one timestep,
+hence one group.
+
 Left on the fake path, and listed in the report: layers whose input stays in float (the last
 layer, METHOD.md 0), weights whose codes do not fit int8 around their zero-point (asymmetric
-weights, 8-bit one-sided channels), non-zero padding modes. Attention products (q, k, v,
-softmax) stay fake-quantized float matmuls (QuantAttnProcessor), so cross-attention's L text
-tokens against the query's h * w need nothing here; its to_k / to_v run integer on the text
-features [B, L, D] like any Linear. A guided batch [uncond; cond] shares one timestep, hence
-one group.
+weights, 8-bit one-sided channels), non-zero padding modes, attention whose q, k, v or softmax
+output stays in float.
 
 Integer and fake outputs agree layer by layer to float rounding (~1e-6 relative). Through a
 whole network they agree as well unless a value lies within that rounding of a code boundary:
@@ -43,11 +48,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
 from torch import nn
 
+from edadm.quant.attention import QuantAttnProcessor
 from edadm.quant.layers import QuantLayer
 from edadm.quant.model import replace_submodule
-from edadm.quant.quantizer import UniformAffineQuantizer, grid_max
+from edadm.quant.quantizer import UniformAffineQuantizer, grid_max, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +165,12 @@ class IntegerReport:
     backend: str
     integer_layers: list[str] = field(default_factory=list)
     fake_layers: dict[str, str] = field(default_factory=dict)  # name -> why
+    integer_attention: list[str] = field(default_factory=list)  # Attention modules: QK^T, softmax x V
 
     def summary(self) -> str:
         return (
-            f"{len(self.integer_layers)} layers on integer kernels ({self.backend}), "
-            f"{len(self.fake_layers)} left fake-quantized"
+            f"{len(self.integer_layers)} layers and {len(self.integer_attention)} attention products' "
+            f"pairs on integer kernels ({self.backend}), {len(self.fake_layers)} left fake-quantized"
         )
 
 
@@ -321,20 +329,133 @@ class IntegerLayer(nn.Module):
         return y.reshape(*lead, self.out_channels)
 
 
-def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def int_mm(a: torch.Tensor, b: torch.Tensor, pad: bool | None = None) -> torch.Tensor:
     """int8 [M, K] x int8 [K, N] -> int32 [M, N] by ``torch._int_mm``, padded to its shape rules.
 
     cuBLASLt wants M > 16 and K, N multiples of 8; zero rows and columns add nothing to the
-    products, so the result is sliced back to [M, N].
+    products, so the result is sliced back to [M, N]. ``pad``: default on CUDA only (the CPU
+    kernel takes any shape).
     """
     m, k = a.shape
     n = b.shape[1]
+    if not (a.is_cuda if pad is None else pad):
+        return torch._int_mm(a.contiguous(), b.contiguous())
     pad_m, pad_k, pad_n = max(0, 17 - m), -k % 8, -n % 8
     if pad_m or pad_k:
         a = F.pad(a, (0, pad_k, 0, pad_m))
     if pad_k or pad_n:
         b = F.pad(b, (0, pad_n, 0, pad_k))
     return torch._int_mm(a.contiguous(), b.contiguous())[:m, :n]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention products
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("edadm::int8_bmm", mutates_args=())
+def int8_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 [R, M, K] x int8 [R, K, N] -> int32 [R, M, N], one ``int_mm`` per matrix pair.
+
+    PyTorch has no batched int8 GEMM; attention's R = batch x heads pairs run one by one. An
+    opaque op, so that ``torch.compile`` calls it once instead of unrolling the loop.
+    """
+    return torch.stack([int_mm(a[r], b[r]) for r in range(a.shape[0])])
+
+
+@int8_bmm.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[0], a.shape[1], b.shape[2]), dtype=torch.int32)
+
+
+def shifted_codes(
+    quantizer: UniformAffineQuantizer, x: torch.Tensor, group_repeats: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` [R, ...] on ``quantizer``'s grid as int8 codes shifted by 128, with what undoes it.
+
+    Returns ``(codes - 128 as int8, offset = 128 - zero_point [R] int32, scale [R] float32)``, so
+    that x^ = (shifted + offset) * scale: the fake-quantized values, from the same rounding
+    (``quantize``). Any grid of <= 8 bits fits the shift, symmetric (zero-point 2^(b-1)) or
+    one-sided (the softmax output's, zero-point 0). With timestep groups each of the R rows
+    (samples, or samples x ``group_repeats`` heads) has its group's scale.
+    """
+    rows = x.shape[0]
+    if quantizer.timestep_groups is None:
+        scale, zero_point = quantizer.scale.expand(rows), quantizer.zero_point.expand(rows)
+    else:
+        groups = quantizer.timestep_groups.batch_index(rows, x.device, group_repeats)
+        scale, zero_point = quantizer.scale[groups], quantizer.zero_point[groups]
+    scale, zero_point = scale.detach().float(), zero_point.round()
+    codes = quantize(x.float(), scale, zero_point, quantizer.bits, channel_axis=0)
+    return (codes - 128).to(torch.int8), (128 - zero_point).to(torch.int32), scale
+
+
+def affine_bmm(
+    a: torch.Tensor, a_offset: torch.Tensor, b: torch.Tensor, b_offset: torch.Tensor
+) -> torch.Tensor:
+    """(a + a_offset) @ (b + b_offset) exactly, in int32, on int8 kernels.
+
+    a: int8 [R, M, K], b: int8 [R, K, N], offsets int32 [R]. Expanded, the product is a @ b
+    (``int8_bmm``) plus rank-one corrections: a_offset x column sums of b, b_offset x row sums
+    of a, and a_offset x b_offset x K. Exact while K x 255^2 < 2^31 (K up to 33,000 tokens).
+    """
+    a_offset, b_offset = a_offset[:, None, None], b_offset[:, None, None]
+    products = int8_bmm(a, b)
+    products += a_offset * b.sum(dim=1, dtype=torch.int32)[:, None, :]
+    products += b_offset * a.sum(dim=2, dtype=torch.int32)[:, :, None]
+    return products + a_offset * b_offset * a.shape[2]
+
+
+class IntegerAttnProcessor(QuantAttnProcessor):
+    """QuantAttnProcessor whose two products, QK^T and softmax x V, run on int8 kernels.
+
+    The operands are the codes the fake quantizers give (``shifted_codes``), the int32 products
+    are exact, and they are rescaled into float by the operands' scales: the result differs
+    from the fake path's float products by float rounding only. The softmax runs in float32
+    between them, as in the fake path. The projections stay whatever layers they are.
+    """
+
+    def __init__(self, fake: QuantAttnProcessor) -> None:
+        super().__init__(fake.original_processor, fake.qkv_bits, fake.softmax_bits)
+        self.act_quantizer_q, self.act_quantizer_k = fake.act_quantizer_q, fake.act_quantizer_k
+        self.act_quantizer_v, self.act_quantizer_w = fake.act_quantizer_v, fake.act_quantizer_w
+        self.use_act_quant = fake.use_act_quant
+
+    def attend(
+        self,
+        attn: Attention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        heads = attn.heads
+        q, q_offset, q_scale = shifted_codes(self.act_quantizer_q, query)
+        k, k_offset, k_scale = shifted_codes(self.act_quantizer_k, key)
+        v, v_offset, v_scale = shifted_codes(self.act_quantizer_v, value)
+        q, k, v = attn.head_to_batch_dim(q), attn.head_to_batch_dim(k), attn.head_to_batch_dim(v)
+
+        def per_head(t: torch.Tensor) -> torch.Tensor:  # [B] -> [B x heads], sample-major
+            return t.repeat_interleave(heads)
+
+        scores = affine_bmm(q, per_head(q_offset), k.transpose(1, 2).contiguous(), per_head(k_offset))
+        scores = scores.float() * (per_head(q_scale * k_scale) * attn.scale)[:, None, None]
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs, probs_offset, probs_scale = shifted_codes(self.act_quantizer_w, scores.softmax(dim=-1), heads)
+        out = affine_bmm(probs, probs_offset, v, per_head(v_offset))
+        return (out.float() * (probs_scale * per_head(v_scale))[:, None, None]).to(query.dtype)
+
+
+def why_fake_attention(processor: QuantAttnProcessor) -> str | None:
+    """Why ``processor``'s products cannot run on int8 kernels (None when they can)."""
+    quantizers = (
+        processor.act_quantizer_q, processor.act_quantizer_k,
+        processor.act_quantizer_v, processor.act_quantizer_w,
+    )  # fmt: skip
+    if any(q is None for q in quantizers) or not processor.use_act_quant:
+        return "q, k, v or the softmax output in float"
+    if not all(q.initialized for q in quantizers):
+        return "activation range not calibrated"
+    return None
 
 
 def signed_weight(layer: QuantLayer) -> torch.Tensor:
@@ -380,6 +501,15 @@ def to_integer(model: nn.Module, backend: str = "auto") -> IntegerReport:
             continue
         replace_submodule(model, name, IntegerLayer(layer, report.backend).to(device))
         report.integer_layers.append(name)
+    for name, attn in model.named_modules():
+        if not isinstance(attn, Attention) or not isinstance(attn.processor, QuantAttnProcessor):
+            continue
+        reason = why_fake_attention(attn.processor)
+        if reason:
+            report.fake_layers[f"{name} (products)"] = reason
+            continue
+        attn.set_processor(IntegerAttnProcessor(attn.processor))
+        report.integer_attention.append(name)
     logger.info("integer model: %s", report.summary())
     for name, reason in report.fake_layers.items():
         logger.info("fake-quantized: %s (%s)", name, reason)
