@@ -28,6 +28,7 @@ from types import ModuleType
 
 import torch
 
+from edadm.artifacts import write_json
 from edadm.config import load_params, load_section
 from edadm.diffusion.conditioning import ConditionConfig, Conditioning
 from edadm.diffusion.loading import ModelConfig, load_diffusion_model
@@ -103,11 +104,9 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from edadm.artifacts import write_json
 from edadm.config import load_params, load_section
 from edadm.data import digits_split
 from edadm.diffusion.embedded import NULL_LABEL, build_embedded_scheduler, train_embedded
@@ -194,11 +195,9 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
         "rows": rows,
     }
-    text = json.dumps(report, indent=2, default=list)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":
