@@ -212,7 +212,7 @@ def build_rows(
             row["guidance_scale"] = g
         row.update({field: mean(key) for field, key in ROW_FIELDS.items() if key in bed.run_keys})
         row.update({"n": group[0]["n"], "seeds": len(group)})
-        if fp:  # the FP row's seeds are sampling seeds: their spread is the table's noise floor
+        if fp and len(group) > 1:  # the FP row's seeds are sampling seeds: their spread is the noise floor
             row["fd_seed_std"] = float(np.std([r["fd"] for r in group]))
         elif len(group) > 1:
             row["fd_calib_std"] = float(np.std([r["fd"] for r in group]))
