@@ -150,12 +150,13 @@ def _relaunch(nproc: int) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     child = subprocess.Popen(command, env=env)
-    # A SIGTERM (a job scheduler, `kill`) reaches only this process, and an interrupt would
-    # otherwise end it while torchrun runs on: pass both to torchrun, which stops its ranks, and
-    # wait for it, so that the stage ends with no rank left running.
-    forwarded = (signal.SIGTERM, signal.SIGINT)
+    # A SIGTERM (a job scheduler, `kill`) reaches only this process: pass it to torchrun, which
+    # stops its ranks, and wait for it, so that the stage ends with no rank left running. Ctrl-C
+    # reaches torchrun itself (the same process group); this process only waits for it to end,
+    # as a second SIGINT would interrupt torchrun's own shutdown of the ranks.
     previous = {
-        signum: signal.signal(signum, lambda signum, _: child.send_signal(signum)) for signum in forwarded
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, _: child.send_signal(signum)),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
     }
     try:
         status = child.wait()
