@@ -79,7 +79,18 @@ TESTBEDS = {
         "results/embedded-class",
         guided=True,
         run_keys=CLASS_RUN_KEYS,
-        columns=("method", "guidance", "bits", "fd", "fd_vs_fp", "psnr", "ssim", "class_consistency", "n"),
+        columns=(
+            "method",
+            "guidance",
+            "bits",
+            "fd",
+            "fd_vs_fp",
+            "psnr",
+            "ssim",
+            "class_consistency",
+            "n",
+            "seeds",
+        ),
     ),
 }
 

@@ -14,9 +14,11 @@ from edadm.diffusion.samples import SampleConfig
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.quant import QuantConfig, calibrate_activations, quantize_model
 from edadm.quant.integer import (
+    FLOAT_EXACT_K,
     IntegerAttnProcessor,
     IntegerLayer,
     affine_bmm,
+    int8_bmm,
     int_mm,
     onednn_available,
     shifted_codes,
@@ -107,6 +109,21 @@ def test_affine_bmm_is_the_exact_product_of_the_shifted_codes() -> None:
     b_offset = torch.tensor([0, 128, 8, 128, 128, 0], dtype=torch.int32)
     expected = (a.long() + a_offset[:, None, None]) @ (b.long() + b_offset[:, None, None])
     assert torch.equal(affine_bmm(a, a_offset, b, b_offset).long(), expected)
+
+
+@pytest.mark.parametrize("k", [FLOAT_EXACT_K, FLOAT_EXACT_K + 1])
+def test_int8_bmm_is_exact_on_the_float_gemm_and_on_int8_kernels(k: int) -> None:
+    """At K = FLOAT_EXACT_K the CPU takes the float32 GEMM, one more and the int8 kernels; both
+    must give the int64 product, worst case included (every code -128: sums of 2^14 x K)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (3, 4, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (3, k, 5), generator=g, dtype=torch.int8)
+    a[0], b[0] = -128, -128
+    a[1, :, 1::2] = 127  # partial sums that change sign: no cancellation saves the float path
+    expected = a.long() @ b.long()
+    assert expected[0].max() == 2**14 * k
+    result = int8_bmm(a, b)
+    assert result.dtype == torch.int32 and torch.equal(result.long(), expected)
 
 
 @pytest.mark.parametrize("a_bits", [8, 4])

@@ -106,7 +106,7 @@ def test_class_testbed_has_its_own_stages_on_the_class_model_at_each_guidance_sc
         for m in ("naive", "q-diffusion", "eda-dm")
         for w, a in [(8, 8), (4, 8)]
         for g in (1, 3)
-    }
+    } | {f"eda-dm-w4a8-g{g}-s{s}" for g in (1, 3) for s in (1, 2)}
     assert set(gen_dvc.class_configs()) == rows
     recon = _resolved(class_stages["class_reconstruct"])["eda-dm-w4a8-g3-s0"]
     assert "--calib sweep/artifacts/class/calib-tdac-g3-s0.zarr" in recon["cmd"]
@@ -115,7 +115,9 @@ def test_class_testbed_has_its_own_stages_on_the_class_model_at_each_guidance_sc
     naive = _resolved(class_stages["class_reconstruct"])["naive-w8a8-g1-s0"]
     assert "calib-uniform-g1-s0.zarr" in naive["cmd"] and "--set recon.method=none" in naive["cmd"]
     select = _resolved(class_stages["class_select"])
-    assert set(select) == {f"{c}-g{g}-s0" for c in ("uniform", "tdac") for g in (1, 3)}
+    assert set(select) == {f"{c}-g{g}-s0" for c in ("uniform", "tdac") for g in (1, 3)} | {
+        f"tdac-g{g}-s{s}" for g in (1, 3) for s in (1, 2)
+    }
     tdac = select["tdac-g3-s0"]["cmd"]
     assert "--set select.method=tdac --set select.seed=0 " in tdac
     assert "--trajectories sweep/artifacts/class/trajectories-g3.zarr" in tdac
@@ -139,7 +141,7 @@ def test_run_lists_the_class_testbed_in_its_order() -> None:
     result = CliRunner().invoke(run.main, ["--testbed", "class", "--list"])
     assert result.exit_code == 0, result.output
     listed = [line.split("] ", 1)[1] for line in result.output.splitlines()]
-    # the paper's guidance scale first; at each, FP, then W4A8 (where methods separate), then W8A8
+    # the paper's guidance scale first; at each, FP, then W4A8 (where methods separate), then W8A8;
     assert listed == [
         "class_evaluate_fp@g3-s0",
         "class_evaluate@naive-w4a8-g3-s0",
@@ -155,6 +157,11 @@ def test_run_lists_the_class_testbed_in_its_order() -> None:
         "class_evaluate@naive-w8a8-g1-s0",
         "class_evaluate@q-diffusion-w8a8-g1-s0",
         "class_evaluate@eda-dm-w8a8-g1-s0",
+        # then the extra calibration seeds (eda-dm W4A8, within 1 dB of q-diffusion on seed 0)
+        "class_evaluate@eda-dm-w4a8-g3-s1",
+        "class_evaluate@eda-dm-w4a8-g3-s2",
+        "class_evaluate@eda-dm-w4a8-g1-s1",
+        "class_evaluate@eda-dm-w4a8-g1-s2",
     ]
     # every listed target is a stage of the generated dvc.yaml
     stages = gen_dvc.class_stages()
@@ -210,10 +217,11 @@ def test_class_table_has_a_row_per_method_bits_and_guidance(tmp_path, monkeypatc
     assert eda3["runs"][0]["class_consistency_per_class"]["7"] == pytest.approx(0.9)
     table = (tmp_path / "results" / "embedded-class.md").read_text()
     assert table.splitlines()[0] == (
-        "| method | guidance | W/A | FD | FD vs FP | PSNR vs FP (dB) | SSIM vs FP | class consistency | n |"
+        "| method | guidance | W/A | FD | FD vs FP | PSNR vs FP (dB) | SSIM vs FP | class consistency | n "
+        "| seeds |"
     )
-    assert "| eda-dm | 3 | W4A8 | 3.00 | 0.30 | 28.00 | 0.700 | 0.900 | 8 |" in table
-    assert "| fp | 1 | W32A32 | 2.00 | 0.00 |  |  | 0.970 | 8 |" in table  # one seed: no spread
+    assert "| eda-dm | 3 | W4A8 | 3.00 | 0.30 | 28.00 | 0.700 | 0.900 | 8 | 1 |" in table
+    assert "| fp | 1 | W32A32 | 2.00 | 0.00 |  |  | 0.970 | 8 | 1 |" in table  # one seed: no spread
 
     # --previous as for the other table: a later run adds a row, and only a class table merges
     later = tmp_path / "later"

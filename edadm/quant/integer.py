@@ -351,13 +351,24 @@ def int_mm(a: torch.Tensor, b: torch.Tensor, pad: bool | None = None) -> torch.T
 # ---------------------------------------------------------------------------------------------
 # Attention products
 # ---------------------------------------------------------------------------------------------
+FLOAT_EXACT_K = 2**24 // 2**14  # int8 x int8 products summed over K stay exact in float32 (1024)
+
+
 @torch.library.custom_op("edadm::int8_bmm", mutates_args=())
 def int8_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 [R, M, K] x int8 [R, K, N] -> int32 [R, M, N], one ``int_mm`` per matrix pair.
+    """int8 [R, M, K] x int8 [R, K, N] -> int32 [R, M, N], exactly.
 
-    PyTorch has no batched int8 GEMM; attention's R = batch x heads pairs run one by one. An
-    opaque op, so that ``torch.compile`` calls it once instead of unrolling the loop.
+    PyTorch has no batched int8 GEMM: on int8 kernels, attention's R = batch x heads pairs run
+    one ``int_mm`` each, and R small products cost more in calls than they save (3x the FP32
+    model's whole attention on the embedded model, 64 tokens). On CPU, while K <= FLOAT_EXACT_K
+    the float32 batched GEMM gives the very same integers in one call: every product of two
+    int8 codes is at most 2^14 in magnitude, so every partial sum of K of them is an integer
+    within 2^24, which float32 holds exactly, in any summation order. (Not on CUDA: TF32 may
+    round the operands.) An opaque op, so that ``torch.compile`` calls it once instead of
+    unrolling the loop.
     """
+    if a.device.type == "cpu" and a.shape[2] <= FLOAT_EXACT_K:
+        return torch.bmm(a.float(), b.float()).to(torch.int32)
     return torch.stack([int_mm(a[r], b[r]) for r in range(a.shape[0])])
 
 
