@@ -13,8 +13,10 @@ from tiny_models import fake_and_integer_samples, tiny_attn_unet, tiny_calib
 from edadm.diffusion.samples import SampleConfig
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.quant import QuantConfig, calibrate_activations, quantize_model
+from edadm.quant import integer as integer_module
 from edadm.quant.integer import (
     FLOAT_EXACT_K,
+    FLOAT_EXACT_K_CENTERED,
     IntegerAttnProcessor,
     IntegerLayer,
     affine_bmm,
@@ -101,10 +103,13 @@ def test_int_mm_pads_to_the_kernel_shape_rules() -> None:
     assert torch.equal(int_mm(a, b, pad=False), a.int() @ b.int())
 
 
-def test_affine_bmm_is_the_exact_product_of_the_shifted_codes() -> None:
+@pytest.mark.parametrize("k", [FLOAT_EXACT_K_CENTERED, FLOAT_EXACT_K_CENTERED + 1])
+def test_affine_bmm_is_the_exact_product_of_the_shifted_codes(k: int) -> None:
+    """At K = FLOAT_EXACT_K_CENTERED one float32 GEMM on CPU, one more int8_bmm and corrections."""
     g = torch.Generator().manual_seed(0)
-    a = torch.randint(-128, 128, (6, 5, 77), generator=g, dtype=torch.int8)
-    b = torch.randint(-128, 128, (6, 77, 9), generator=g, dtype=torch.int8)
+    a = torch.randint(-128, 128, (6, 5, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (6, k, 9), generator=g, dtype=torch.int8)
+    a[0], b[0] = 127, 127  # with offsets 128: every product 255^2, the float path's worst case
     a_offset = torch.tensor([128, 0, 120, 128, 0, 1], dtype=torch.int32)  # 128 - zero_point
     b_offset = torch.tensor([0, 128, 8, 128, 128, 0], dtype=torch.int32)
     expected = (a.long() + a_offset[:, None, None]) @ (b.long() + b_offset[:, None, None])
@@ -139,8 +144,13 @@ def test_shifted_codes_give_the_fake_quantized_values(a_bits: int) -> None:
         torch.testing.assert_close(dequantized, quantizer(tensor), rtol=0, atol=1e-6)
 
 
-def test_integer_attention_products_match_the_fake_ones() -> None:
-    """Both products on int8 kernels against the fake processor's float products, several heads."""
+@pytest.mark.parametrize("kernels", ["float32 GEMM", "int8"])
+def test_integer_attention_products_match_the_fake_ones(kernels: str, monkeypatch) -> None:
+    """Both products, exact integers (on the float32 GEMM, as 16 tokens take on CPU, or forced
+    onto int8 kernels), against the fake processor's float products, several heads."""
+    if kernels == "int8":
+        monkeypatch.setattr(integer_module, "FLOAT_EXACT_K_CENTERED", 0)
+        monkeypatch.setattr(integer_module, "FLOAT_EXACT_K", 0)
     model = calibrated(8, 8)
     attn = next(m for m in model.modules() if isinstance(m, Attention))
     fake = attn.processor

@@ -351,7 +351,9 @@ def int_mm(a: torch.Tensor, b: torch.Tensor, pad: bool | None = None) -> torch.T
 # ---------------------------------------------------------------------------------------------
 # Attention products
 # ---------------------------------------------------------------------------------------------
-FLOAT_EXACT_K = 2**24 // 2**14  # int8 x int8 products summed over K stay exact in float32 (1024)
+# Largest K for which float32 sums K integer products exactly (every partial sum within 2^24):
+FLOAT_EXACT_K = 2**24 // 128**2  # of two int8 codes (1024)
+FLOAT_EXACT_K_CENTERED = 2**24 // 255**2  # of two codes less their zero-points (258)
 
 
 @torch.library.custom_op("edadm::int8_bmm", mutates_args=())
@@ -407,8 +409,14 @@ def affine_bmm(
     a: int8 [R, M, K], b: int8 [R, K, N], offsets int32 [R]. Expanded, the product is a @ b
     (``int8_bmm``) plus rank-one corrections: a_offset x column sums of b, b_offset x row sums
     of a, and a_offset x b_offset x K. Exact while K x 255^2 < 2^31 (K up to 33,000 tokens).
+    On CPU, K <= FLOAT_EXACT_K_CENTERED takes one float32 GEMM of a + a_offset and b + b_offset.
     """
     a_offset, b_offset = a_offset[:, None, None], b_offset[:, None, None]
+    if a.device.type == "cpu" and a.shape[2] <= FLOAT_EXACT_K_CENTERED:
+        # small K (attention at the embedded model's 64 tokens): the codes less their
+        # zero-points (|.| <= 255) on the float32 GEMM, exact as int8_bmm says; plain ops, so
+        # inductor fuses the conversions into the kernels that make the codes
+        return torch.bmm(a.float() + a_offset, b.float() + b_offset).to(torch.int32)
     products = int8_bmm(a, b)
     products += a_offset * b.sum(dim=1, dtype=torch.int32)[:, None, :]
     products += b_offset * a.sum(dim=2, dtype=torch.int32)[:, :, None]
