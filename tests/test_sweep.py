@@ -24,11 +24,14 @@ def test_every_configuration_runs_once_in_order_and_dvc_yaml_is_current() -> Non
     targets = [t.split("@", 1)[1] for t in order if "evaluate@" in t]
     assert sorted(targets) == sorted(runs) and len(set(order)) == len(order)
     assert order[0] == "evaluate_fp@s0"  # every row pairs with FP seed 0
-    # the paper's rows at W4A8 over three calibration seeds, the stress rows at seed 0 only
+    # the paper's rows at W4A8 over three calibration seeds, the TDAC rows also at W8A8, W4A6 and
+    # W4A4; W3A8 at seed 0 only
     seeded = [m for m, (calib, _, _) in gen_dvc.METHODS.items() if not calib.startswith("uniform")]
     assert {f"{m}-w4a8-s{s}" for m in seeded for s in gen_dvc.CALIB_SEEDS} <= set(runs)
+    assert {f"eda-dm-groups4-w4a4-s{s}" for s in gen_dvc.CALIB_SEEDS} <= set(runs)
+    assert "ptq4dm-w8a8-s2" in runs and "ptq4dm-w4a4-s0" not in runs  # ptq4dm: paper bit-widths only
     assert "q-diffusion-w4a8-s1" not in runs  # uniform calibration: one set whatever the seed
-    assert {f"{m}-w3a8-s0" for m in gen_dvc.STRESS_METHODS} <= set(runs)
+    assert {f"{m}-w3a8-s0" for m in gen_dvc.STRESS_METHODS} <= set(runs) and "eda-dm-w3a8-s1" not in runs
     for name, (base, overrides) in gen_dvc.TUNING.items():
         assert runs[f"{name}-w4a8-s0"]["calib"] == runs[f"{base}-w4a8-s0"]["calib"]
         assert all(f"--set {k}={v}" in runs[f"{name}-w4a8-s0"]["extra"] for k, v in overrides.items())
