@@ -11,7 +11,8 @@ Only fused float arithmetic (GroupNorm's reductions, sin / cos of the time embed
 by float round-off, with the whole-network caveat of the ``integer`` module's docstring.
 
 ``compile_integer(model)`` returns a ``CompiledUNet``: shapes are static (``dynamic=False``),
-compiled on the first call for its batch size; a later smaller batch (the last of a sampling
+compiled on the first call for its batch size, after one eager call that packs the int8
+convolutions' weights for their input shapes; a later smaller batch (the last of a sampling
 run) is padded up to it by repeating its last sample and the output sliced back, so it reuses
 the compiled code instead of compiling a second shape. Inductor's FX graph cache (on by
 default, ``torch._inductor.config.fx_graph_cache``) keeps the generated kernels on disk
@@ -28,6 +29,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from edadm.quant.integer import IntegerLayer
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,10 @@ class CompiledUNet(nn.Module):
         batch = sample.shape[0]
         if self.batch_size is None:
             self.batch_size = batch
+            if any(isinstance(m, IntegerLayer) for m in self.model.modules()):
+                # one eager call first: the int8 convolutions pack their weights for the shapes
+                # they meet (IntegerLayer._packed_conv_weight), and the compiled code uses those
+                self.model(sample, timestep, *args, **kwargs)
         if batch > self.batch_size:  # larger than compiled: one more shape, compiled once
             return self._run(sample, timestep, *args, **kwargs)
         pad = self.batch_size - batch

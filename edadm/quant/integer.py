@@ -90,28 +90,29 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 # needs frozen constant weights and would requantize the output. Eager runs the same calls.
 # Inductor's FX graph cache does not hash an op's Python body: a change of its contract (the
 # convolution's layout) takes a new op name, or old cached graphs assume the old one.
-@torch.library.custom_op("edadm::onednn_qconv2d_channels_last", mutates_args=())
-def onednn_qconv2d(
-    codes: torch.Tensor,
-    scale: float,
-    zero_point: int,
-    packed: torch.Tensor,
-    weight_scale: torch.Tensor,
-    weight_zero_points: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    out_channels: int,
-    kernel_size: list[int],
-) -> torch.Tensor:
-    """int8 convolution of uint8 ``codes`` [B, C, H, W] -> float32 [B, out_channels, H', W'].
+# Registered with torch.library.Library, not the @custom_op decorator: the decorator's Python
+# autograd and dispatch layers cost 35 to 55 us a call (2-core Xeon, a 1 x 32 x 4 x 4 conv whose
+# kernel takes 36 us), about 3 ms of the embedded UNet's forward; this costs about 8.
+_LIBRARY = torch.library.Library("edadm", "FRAGMENT")
 
-    Channels-last in and out: oneDNN's own layout, so its output needs no reorder and the
-    element-wise ops after it (and the next layer's codes) stay channels-last; the fake kernel
-    promises these strides to inductor.
-    """
+
+def _define(schema: str, kernel, fake) -> torch._ops.OpOverloadPacket:
+    """``edadm::<schema>`` with ``kernel`` on every device (CompositeExplicitAutograd: the
+    packed weights are MkldnnCPU tensors) and ``fake`` for tracing; returns the op."""
+    name = schema.split("(", 1)[0]
+    _LIBRARY.define(schema)
+    _LIBRARY.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"edadm::{name}", fake, lib=_LIBRARY)
+    return getattr(torch.ops.edadm, name)
+
+
+def _qconv2d_kernel(
+    codes, scale, zero_point, packed, weight_scale, weight_zero_points, bias,
+    stride, padding, dilation, groups, out_channels, kernel_size,
+):  # fmt: skip
+    # channels-last in and out: oneDNN's own layout, so its output needs no reorder and the
+    # element-wise ops after it (and the next layer's codes) stay channels-last; the fake
+    # kernel promises these strides to inductor
     return torch.ops.onednn.qconv2d_pointwise(
         codes.contiguous(memory_format=torch.channels_last), scale, zero_point, packed,
         weight_scale, weight_zero_points, bias, stride, padding, dilation, groups,
@@ -119,9 +120,10 @@ def onednn_qconv2d(
     ).contiguous(memory_format=torch.channels_last)  # fmt: skip
 
 
-@onednn_qconv2d.register_fake
-def _(codes, scale, zero_point, packed, weight_scale, weight_zero_points, bias,
-      stride, padding, dilation, groups, out_channels, kernel_size):  # fmt: skip
+def _qconv2d_fake(
+    codes, scale, zero_point, packed, weight_scale, weight_zero_points, bias,
+    stride, padding, dilation, groups, out_channels, kernel_size,
+):  # fmt: skip
     batch, _, height, width = codes.shape
     out_h, out_w = (
         (size + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
@@ -135,27 +137,34 @@ def _(codes, scale, zero_point, packed, weight_scale, weight_zero_points, bias,
     )
 
 
-@torch.library.custom_op("edadm::onednn_qlinear", mutates_args=())
-def onednn_qlinear(
-    codes: torch.Tensor,
-    scale: float,
-    zero_point: int,
-    packed: torch.Tensor,
-    weight_scale: torch.Tensor,
-    weight_zero_points: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_features: int,
-) -> torch.Tensor:
-    """int8 linear layer of uint8 ``codes`` [M, K] -> float32 [M, out_features]."""
+# int8 convolution of uint8 codes [B, C, H, W] -> float32 [B, out_channels, H', W'], channels-last
+onednn_qconv2d = _define(
+    "onednn_qconv2d_channels_last(Tensor codes, float scale, int zero_point, Tensor packed, "
+    "Tensor weight_scale, Tensor weight_zero_points, Tensor? bias, int[] stride, int[] padding, "
+    "int[] dilation, int groups, int out_channels, int[] kernel_size) -> Tensor",
+    _qconv2d_kernel,
+    _qconv2d_fake,
+)
+
+
+def _qlinear_kernel(codes, scale, zero_point, packed, weight_scale, weight_zero_points, bias, out_features):
     return torch.ops.onednn.qlinear_pointwise(
         codes.contiguous(), scale, zero_point, packed, weight_scale, weight_zero_points, bias,
         1.0, 0, torch.float32, "none", [], "",
     ).contiguous()  # fmt: skip
 
 
-@onednn_qlinear.register_fake
-def _(codes, scale, zero_point, packed, weight_scale, weight_zero_points, bias, out_features):
+def _qlinear_fake(codes, scale, zero_point, packed, weight_scale, weight_zero_points, bias, out_features):
     return codes.new_empty((codes.shape[0], out_features), dtype=torch.float32)
+
+
+# int8 linear layer of uint8 codes [M, K] -> float32 [M, out_features]
+onednn_qlinear = _define(
+    "onednn_qlinear(Tensor codes, float scale, int zero_point, Tensor packed, Tensor weight_scale, "
+    "Tensor weight_zero_points, Tensor? bias, int out_features) -> Tensor",
+    _qlinear_kernel,
+    _qlinear_fake,
+)
 
 
 @dataclass
@@ -195,6 +204,7 @@ class _Part:
         self.weight_scale = scale.float().contiguous()  # [out]
         self.start, self.stop = start, stop
         self.packed: list[torch.Tensor] = []  # per group (oneDNN convs pack the input scale in)
+        self.packed_for: list[tuple[int, ...] | None] = []  # per group: the input shape it was packed for
 
 
 class IntegerLayer(nn.Module):
@@ -226,12 +236,13 @@ class IntegerLayer(nn.Module):
                 act, signed[:, start:stop].contiguous(), weight_quantizer.scale.detach(), start, stop
             )
             part.packed = [self._prepack(part, g) for g in range(len(part.act_scales))]
+            part.packed_for = [None] * len(part.packed)
             self.parts.append(part)
 
     def extra_repr(self) -> str:
         return f"{self.layer_type}, out={self.out_channels}, parts={len(self.parts)}, backend={self.backend}"
 
-    def _prepack(self, part: _Part, group: int) -> torch.Tensor:
+    def _prepack(self, part: _Part, group: int, input_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         if self.backend != "onednn":
             return part.weight
         if self.layer_type == "Conv2d":
@@ -244,9 +255,22 @@ class IntegerLayer(nn.Module):
                 self.padding,
                 self.dilation,
                 self.groups,
-                None,
+                None if input_shape is None else list(input_shape),
             )
         return torch.ops.onednn.qlinear_prepack(part.weight, None)
+
+    def _packed_conv_weight(self, part: _Part, group: int, input_shape: torch.Size) -> torch.Tensor:
+        """``part``'s packed weight, repacked in eager mode for the input shape it meets.
+
+        Packed without the input shape, the weight's blocked layout is oneDNN's guess, and the
+        kernel chosen for the real shape (AMX / VNNI brgemm) reorders it at every call (seen with
+        ONEDNN_VERBOSE=1); packed for the shape, it is used as it is: same output, less time a
+        call. Compiled code uses what eager packed (``CompiledUNet`` runs one eager call first).
+        """
+        if part.packed_for[group] != tuple(input_shape) and not torch.compiler.is_compiling():
+            part.packed[group] = self._prepack(part, group, tuple(input_shape))
+            part.packed_for[group] = tuple(input_shape)
+        return part.packed[group]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.timestep_groups is None:
@@ -285,6 +309,7 @@ class IntegerLayer(nn.Module):
     ) -> torch.Tensor:
         scale, zero_point, packed = part.act_scales[group], part.act_zero_points[group], part.packed[group]
         if self.layer_type == "Conv2d":
+            packed = self._packed_conv_weight(part, group, codes.shape)
             return onednn_qconv2d(
                 codes, scale, zero_point, packed, part.weight_scale, self.weight_zero_points, bias,
                 self.stride, self.padding, self.dilation, self.groups, self.out_channels,
