@@ -66,6 +66,29 @@ def test_integer_model_matches_fake_quantization(backend: str, w_bits: int, a_bi
     assert len(integer_model.get_submodule(splits[0]).parts) == 2
 
 
+@pytest.mark.skipif(not onednn_available(), reason="oneDNN int8 kernels not in this PyTorch build")
+def test_onednn_convolutions_repack_for_the_input_shape_and_give_the_same_output() -> None:
+    model = calibrated(8, 8)
+    to_integer(model, "onednn")
+    calib = tiny_calib(4, seed=7)
+    layer = model.get_submodule("conv_in")
+    part = layer.parts[0]
+    assert part.packed_for == [None]  # packed at to_integer, before any input was seen
+    unshaped = part.packed[0]
+    with torch.no_grad():
+        first = model(calib.x, calib.t).sample
+        assert part.packed_for == [tuple(calib.x.shape)] and part.packed[0] is not unshaped
+        repacked = part.packed[0]
+        again = model(calib.x, calib.t).sample  # the same shape: packed once
+        assert part.packed[0] is repacked
+        # the layer alone with the weight packed without a shape: the same output
+        x = torch.randn(4, *calib.x.shape[1:])
+        shaped = layer(x)
+        part.packed[0], part.packed_for[0] = unshaped, tuple(x.shape)
+        assert torch.equal(layer(x), shaped)
+    assert torch.equal(first, again)
+
+
 def test_weights_that_do_not_fit_int8_stay_fake() -> None:
     model = calibrated(8, 8)
     layer = model.get_submodule("conv_in")
