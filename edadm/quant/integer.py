@@ -295,6 +295,10 @@ class IntegerLayer(nn.Module):
             x_part = x if len(self.parts) == 1 else x[:, part.start : part.stop]
             scale, zero_point = part.act_scales[group], part.act_zero_points[group]
             codes = quantize_codes(x_part.float(), scale, zero_point, part.act_bits)
+            if self.backend == "onednn" and self.layer_type == "Conv2d":
+                # oneDNN's layout, made here: compiled, inductor writes the codes in it at once
+                # (the first layer's NCHW input, a split's channel slice) instead of the op copying
+                codes = codes.contiguous(memory_format=torch.channels_last)
             bias = self.bias if i == 0 else None  # the bias once, with the first slice
             y = (
                 self._onednn(codes, part, group, bias)
