@@ -12,12 +12,14 @@ best of a few forward passes, and a DDIM sampling run at batch 64 (embedded: 100
 CIFAR model: 10 steps). FP32 and integer also run compiled (``edadm.quant.compiled``,
 torch.compile / inductor, static shapes): forward at batch 64 and sampling, their compile
 time reported apart (``compile_seconds``: first call less a steady one; lower when inductor's
-FX graph cache is warm). Sampling runs interleave the variants, so a shared machine's load
-hits FP32 and integer alike; --quick: one forward repeat, no fake-quant sampling.
+FX graph cache is warm). FP32 is compiled twice: plain (``fp32_compiled``) and with inductor's
+freezing (``fp32_frozen``, prepacked oneDNN weights); the best FP32 path is the fastest of the
+three. Sampling runs interleave the variants, so a shared machine's load hits FP32 and integer
+alike; --quick: one forward repeat, no fake-quant sampling.
 
 JSON (printed, and written to PATH): ``cpu``, ``threads``, per model the timings in seconds,
 ``sampling_speedup_int_vs_fp32`` / ``embedded_sampling_speedup_int_vs_fp32`` (best integer path
-against best FP32 path, eager or compiled, DDIM sampling at batch 64; per model
+against best FP32 path, eager, compiled or frozen, DDIM sampling at batch 64; per model
 ``sampling_speedup`` has the eager and compiled ratios beside it), ``speedup_int_vs_fp32``
 (the CIFAR-sized model, W8A8, batch 64 forward, eager, same run),
 ``speedup_int_compiled_vs_fp32_compiled`` (the same, compiled), ``speedup_int_vs_fake``,
@@ -137,6 +139,9 @@ def bench_model(name: str, unet: UNet2DModel, sampling: tuple[int, int], repeats
         to_integer(variants[f"int_{backend}"], backend)
     compiled = {
         "fp32_compiled": compile_integer(unet),
+        # inductor's freezing (weights as constants, oneDNN convolutions prepacked): the CPU
+        # inference setting a user may pick for FP32, so part of the best FP32 path
+        "fp32_frozen": compile_integer(copy.deepcopy(unet), {"freezing": True}),
         "int_compiled": compile_integer(variants["int_onednn"]),
     }
     out = {"parameters": sum(p.numel() for p in unet.parameters()), "forward": {}}
@@ -149,12 +154,14 @@ def bench_model(name: str, unet: UNet2DModel, sampling: tuple[int, int], repeats
         out["forward"][f"batch{size}"] = {
             v: best_seconds(m, x, t, repeats)
             for v, m in variants.items()
-            if (v != "int_int_mm" or size == 1) and ("compiled" not in v or size == batch)
+            if (v != "int_int_mm" or size == 1) and (v not in compiled or size == batch)
         }
         print(f"{name} batch {size}: {out['forward'][f'batch{size}']}", file=sys.stderr)
     out["accuracy"] = accuracy(fake, variants["int_onednn"], unet)
     out["accuracy_compiled"] = accuracy(fake, variants["int_compiled"], unet, batch)
-    timed = ["fp32", "int_onednn", "fp32_compiled", "int_compiled"] + ([] if quick else ["fake"])
+    timed = ["fp32", "int_onednn", "fp32_compiled", "fp32_frozen", "int_compiled"] + (
+        [] if quick else ["fake"]
+    )
     out["sampling"] = {
         "batch": batch,
         "steps": steps,
@@ -166,7 +173,8 @@ def bench_model(name: str, unet: UNet2DModel, sampling: tuple[int, int], repeats
         "eager_int_vs_fp32": timings["fp32"] / timings["int_onednn"],
         "compiled_int_vs_fp32": timings["fp32_compiled"] / timings["int_compiled"],
         "int_compiled_vs_fp32_eager": timings["fp32"] / timings["int_compiled"],
-        "best_int_vs_best_fp32": min(timings["fp32"], timings["fp32_compiled"])
+        "frozen_int_vs_fp32": timings["fp32_frozen"] / timings["int_compiled"],
+        "best_int_vs_best_fp32": min(timings["fp32"], timings["fp32_compiled"], timings["fp32_frozen"])
         / min(timings["int_onednn"], timings["int_compiled"]),
     }
     return out

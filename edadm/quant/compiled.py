@@ -55,11 +55,11 @@ class CompiledUNet(nn.Module):
     it stands in for a UNet in ``generate_samples`` and ``sample``.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, options: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.model = model
         # not a registered submodule: the state_dict and parameters stay the model's once
-        object.__setattr__(self, "_compiled", torch.compile(model, dynamic=False))
+        object.__setattr__(self, "_compiled", torch.compile(model, dynamic=False, options=options))
         self.batch_size: int | None = None  # the compiled batch size, set by the first call
         self.fallback_reason: str | None = None
 
@@ -127,11 +127,12 @@ def _slice_batch(output: Any, batch: int) -> Any:
     return type(output)(sample=output.sample[:batch])
 
 
-def compile_integer(model: nn.Module) -> nn.Module:
+def compile_integer(model: nn.Module, options: dict[str, Any] | None = None) -> nn.Module:
     """``CompiledUNet(model)``, or ``model`` itself with a warning when inductor cannot run here.
 
     ``model``: an integer UNet (``to_integer``), or any UNet (the benchmark compiles FP32 and
-    fake-quant ones the same way).
+    fake-quant ones the same way). ``options``: inductor options (``torch.compile``'s), e.g.
+    ``{"freezing": True}`` for the benchmark's frozen FP32 baseline.
     """
     device = next(model.parameters()).device
     reason = compile_unavailable_reason(device)
@@ -140,4 +141,4 @@ def compile_integer(model: nn.Module) -> nn.Module:
             "sample.int_compile: torch.compile unavailable, running the integer model eager: %s", reason
         )
         return model
-    return CompiledUNet(model)
+    return CompiledUNet(model, options)
