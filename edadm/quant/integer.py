@@ -311,7 +311,7 @@ class IntegerLayer(nn.Module):
     def _onednn(
         self, codes: torch.Tensor, part: _Part, group: int, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        scale, zero_point, packed = part.act_scales[group], part.act_zero_points[group], part.packed[group]
+        scale, zero_point = part.act_scales[group], part.act_zero_points[group]
         if self.layer_type == "Conv2d":
             packed = self._packed_conv_weight(part, group, codes.shape)
             return onednn_qconv2d(
@@ -321,7 +321,7 @@ class IntegerLayer(nn.Module):
             )  # fmt: skip
         lead = codes.shape[:-1]
         y = onednn_qlinear(
-            codes.reshape(-1, codes.shape[-1]), scale, zero_point, packed,
+            codes.reshape(-1, codes.shape[-1]), scale, zero_point, part.packed[group],
             part.weight_scale, self.weight_zero_points, bias, self.out_channels,
         )  # fmt: skip
         return y.reshape(*lead, self.out_channels)
