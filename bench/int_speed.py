@@ -6,10 +6,10 @@ Two UNet2DModels with random weights (speed does not depend on training): the em
 default (1 x 16 x 16, widths 32/64/64) and the architecture of the DDPM CIFAR-10 model
 (google/ddpm-cifar10-32: 3 x 32 x 32, widths 128/256/256/256, attention at 16 x 16, 35.7M
 parameters). Each is quantized at W8A8 (activation ranges calibrated on random inputs), then
-timed as FP32, fake-quant and integer (``edadm.quant.integer``, backend ``auto`` = oneDNN on
+timed as FP32, fake-quant and integer (``edadm.deploy.integer``, backend ``auto`` = oneDNN on
 CPU; ``int_mm`` timed too, as the measurement that decided between them) at batch 1 and 64:
 best of a few forward passes, and a DDIM sampling run at batch 64 (embedded: 100 steps; the
-CIFAR model: 10 steps). FP32 and integer also run compiled (``edadm.quant.compiled``,
+CIFAR model: 10 steps). FP32 and integer also run compiled (``edadm.deploy.compiled``,
 torch.compile / inductor, static shapes): forward at batch 64 and sampling, their compile
 time reported apart (``compile_seconds``: first call less a steady one; lower when inductor's
 FX graph cache is warm). FP32 is compiled twice: plain (``fp32_compiled``) and with inductor's
@@ -48,13 +48,14 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edadm.artifacts import write_json  # noqa: E402
+from edadm.deploy.compiled import compile_integer  # noqa: E402
+from edadm.deploy.export import export_quantized  # noqa: E402
+from edadm.deploy.integer import to_integer  # noqa: E402
 from edadm.diffusion.embedded import build_embedded_unet  # noqa: E402
 from edadm.diffusion.loading import load_unet  # noqa: E402
 from edadm.diffusion.sampling import SamplerConfig, sample  # noqa: E402
-from edadm.quant import QuantConfig, calibrate_activations, quantize_model  # noqa: E402
-from edadm.quant.compiled import compile_integer  # noqa: E402
-from edadm.quant.export import export_quantized  # noqa: E402
-from edadm.quant.integer import to_integer  # noqa: E402
+from edadm.quant.config import QuantConfig
+from edadm.quant.model import calibrate_activations, quantize_model  # noqa: E402
 from edadm.runtime import cpu_name  # noqa: E402
 
 
@@ -127,7 +128,7 @@ def sampling_seconds(model: torch.nn.Module, unet: UNet2DModel, batch: int, step
 def bench_model(name: str, unet: UNet2DModel, sampling: tuple[int, int], repeats: int, quick: bool) -> dict:
     """Forward and sampling seconds of FP32 and integer W8A8, eager and compiled, and fake W8A8.
 
-    Compiled variants (``edadm.quant.compiled``, static shapes) are timed at the sampling batch
+    Compiled variants (``edadm.deploy.compiled``, static shapes) are timed at the sampling batch
     only, after their compilation, which is reported apart. Sampling runs are interleaved (FP32,
     integer, FP32, ...) so that load on a shared machine hits both alike.
     """

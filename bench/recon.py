@@ -10,7 +10,7 @@ part (activation calibration, caching, evaluation) and seconds per iteration for
 type (ResNet block, attention block, single layer); peak memory; CPU model; torch threads.
 ``--quick``: 128 samples, 10 iterations (a smoke run, not a measurement).
 
-``--ranks 1,2``: data-parallel scaling (``edadm.quant.data_parallel``). For each count, FBR on
+``--ranks 1,2``: data-parallel scaling (``edadm.recon.data_parallel``). For each count, FBR on
 the first ``--units`` units (default 6) in a fresh process, or under torchrun, with the CPU
 threads shared out (``OMP_NUM_THREADS`` = cores / ranks, ``--threads`` to set the cores); per
 count the wall seconds to the last of those units and their calibrate / cache / train seconds
@@ -35,7 +35,9 @@ import torch
 from edadm.calib.calibration_set import CalibrationSet
 from edadm.diffusion.embedded import build_embedded_unet
 from edadm.distributed import launch, rank_device, shutdown
-from edadm.quant import QuantConfig, ReconConfig, ReconResult, run_reconstruction
+from edadm.quant.config import QuantConfig
+from edadm.recon.config import ReconConfig
+from edadm.recon.network import ReconResult, run_reconstruction
 from edadm.runtime import cpu_name, resolve_device
 
 

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "trajectory_steps_per_s",
                 n_items * steps,
             ),
-            "sample_fp": (["stages/sample.py", "--which", "fp", "--out", "fp.zarr"], "images_per_s", n_items),
+            "sample_fp": (["stages/sample_fp.py", "--out", "fp.zarr"], "images_per_s", n_items),
         }
         for stage, (stage_args, unit, work) in stages.items():
             script = [str(ROOT / stage_args[0]), *stage_args[1:], "--model", "model"]

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from edadm.artifacts import ArtifactError, atomic_output, file_sha256, read_json, write_json
-from edadm.config import ParamError, as_dict, load_params, load_section, user_errors
+from edadm.artifacts import atomic_output, file_sha256, read_json, write_json
+from edadm.config import as_dict, load_params, load_section
 from edadm.diffusion.embedded import (
     NULL_LABEL,
     EmbeddedConfig,
@@ -39,6 +39,7 @@ from edadm.diffusion.embedded import (
     shipped_weights_paths,
 )
 from edadm.diffusion.loading import load_scheduler, load_unet
+from edadm.errors import ArtifactError, ParamError, user_errors
 from edadm.quant.state import save_safetensors
 from edadm.runtime import configure_logging
 

@@ -35,12 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edadm.artifacts import write_json  # noqa: E402
 from edadm.calib.knn import KNNConfig, pool_features, select_within_steps  # noqa: E402
-from edadm.calib.tdac import (  # noqa: E402
-    auto_radius,
-    density_counts,
-    step_statistics,
-    tdac_allocation,
-)
+from edadm.calib.step_scores import auto_radius, density_counts, step_statistics
+from edadm.calib.tdac import tdac_allocation
 from edadm.runtime import cpu_name  # noqa: E402
 
 

@@ -92,9 +92,8 @@ def measure(model_dir: Path, work: Path, n: int, trajectories: int, params: Path
         **scratch,
     }
     run("reconstruct.py", recon, naive_w8a8)
-    for which in ("fp", "quant"):
-        out = str(work / f"{which}.zarr")
-        run("sample.py", {"--which": which, "--model": model, "--quant": quant, "--out": out, **scratch}, [])
+    run("sample_fp.py", {"--model": model, "--out": str(work / "fp.zarr"), **scratch}, [])
+    run("sample_quant.py", {"--model": model, "--quant": quant, "--out": str(work / "quant.zarr"), **scratch}, [])
     reference = str(ROOT / "artifacts" / "reference")
     scores = {
         "--fp": str(work / "fp.zarr"),

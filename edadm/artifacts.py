@@ -25,12 +25,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
+from edadm.errors import ArtifactError
+
 if TYPE_CHECKING:  # only the type: a single-process stage never touches torch.distributed
     from edadm.distributed import Dist
-
-
-class ArtifactError(RuntimeError):
-    """An input artifact is missing, truncated, or of another schema."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from edadm.config import VERBOSE_HELP, user_errors
+from edadm.errors import VERBOSE_HELP, user_errors
 
 
 class _Group(click.Group):
@@ -44,7 +44,7 @@ def inspect(path: str) -> None:
 @click.option("--out", "out_file", required=True, type=click.Path(), help="The .safetensors file to write.")
 def export(model_dir: str, quant_dir: str, out_file: str) -> None:
     """Write the quantized model as one safetensors file (packed integer weights), loadable alone."""
-    from edadm.quant.export import describe_export_summary, export_reconstruction
+    from edadm.deploy.export import describe_export_summary, export_reconstruction
 
     click.echo(describe_export_summary(out_file, export_reconstruction(model_dir, quant_dir, out_file)))
 
@@ -73,7 +73,7 @@ def step_error(
     from edadm.calib.store import open_trajectories
     from edadm.diffusion.loading import load_unet
     from edadm.metrics.step_error import noise_error_by_step
-    from edadm.quant import load_quant_model
+    from edadm.quant.state import load_quant_model
     from edadm.runtime import resolve_device
 
     device = resolve_device("auto")

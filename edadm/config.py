@@ -7,24 +7,19 @@ dotted param name, so a user knows which ``-S key=value`` to fix.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-import os
-import sys
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
+from edadm.errors import VERBOSE_HELP, ParamError, user_errors
+
 T = TypeVar("T")
-
-
-class ParamError(ValueError):
-    """A param is missing, unknown, of the wrong type or out of range."""
 
 
 def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -36,8 +31,16 @@ def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ())
     path = Path(path)
     if not path.exists():
         raise ParamError(f"{path} not found: run from the repository root or pass --params PATH")
-    with path.open() as f:
-        params = yaml.safe_load(f) or {}
+    try:
+        with path.open() as f:
+            params = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ParamError(
+            f"{path} is not valid YAML{at} ({getattr(err, 'problem', None) or err}); fix the file "
+            "(`git diff params.yaml` shows what changed) or restore it with `git checkout params.yaml`"
+        ) from err
     if not isinstance(params, dict):
         raise ParamError(f"{path} must hold a mapping of sections, got {type(params).__name__}")
     for override in overrides:
@@ -52,28 +55,6 @@ def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ())
                 raise ParamError(f"--set {override!r}: {name} is not a section of {path}")
         section[leaf] = yaml.safe_load(text)
     return params
-
-
-DEBUG_ENV = "EDADM_DEBUG"  # EDADM_DEBUG=1: user errors show their traceback too
-VERBOSE_HELP = f"show tracebacks of param and artifact errors (or {DEBUG_ENV}=1)"
-
-
-@contextlib.contextmanager
-def user_errors(verbose: bool = False) -> Iterator[None]:
-    """Turn a ParamError or ArtifactError into one ``error: ...`` line on stderr and exit code 2.
-
-    These errors are the user's to fix (a param, a missing artifact) and their message says how;
-    a traceback would bury it. ``verbose`` (``-v``) or ``EDADM_DEBUG=1`` shows the traceback.
-    """
-    from edadm.artifacts import ArtifactError
-
-    try:
-        yield
-    except (ParamError, ArtifactError) as err:
-        if verbose or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-            raise
-        sys.stderr.write(f"error: {err}\n")
-        sys.exit(2)
 
 
 def params_options(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from edadm.artifacts import SCHEMAS, ArtifactError, describe_store, open_store
+from edadm.artifacts import SCHEMAS, describe_store, open_store
+from edadm.errors import ArtifactError
 
 
 def describe(path: str | Path) -> str:
@@ -208,7 +209,7 @@ def _describe_groups(groups: dict | None) -> list[str]:
 
 
 def _describe_conditioning(conditioning: dict | None) -> list[str]:
-    """The forward's conditioning inputs (``edadm.quant.blocks.conditioning``), for conditional UNets."""
+    """The forward's conditioning inputs (``edadm.quant.units.conditioning``), for conditional UNets."""
     if not conditioning:
         return []
     parts = []
@@ -276,8 +277,8 @@ def _describe_safetensors(path: Path) -> list[str]:
     """An ``edadm export`` file in full; any other safetensors file by its tensors and metadata."""
     from safetensors import SafetensorError, safe_open
 
-    from edadm.quant.blocks import conditioning
-    from edadm.quant.export import EXPORT_SCHEMA, export_summary
+    from edadm.deploy.export import EXPORT_SCHEMA, export_summary
+    from edadm.quant.units import conditioning
 
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from edadm.config import ParamError, load_section
+from edadm.config import load_section
+from edadm.errors import ParamError
 
 SECTION = "device"
 #: Device types a stage can run on: the pipeline is tested on CPU and CUDA; MPS is torch's.

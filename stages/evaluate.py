@@ -15,10 +15,11 @@ import functools
 
 import click
 
-from edadm.artifacts import ArtifactError, write_json
+from edadm.artifacts import write_json
 from edadm.config import load_section, params_options
 from edadm.diffusion.samples import load_samples
 from edadm.distributed import launch, rank_device, shutdown
+from edadm.errors import ArtifactError
 from edadm.metrics.conditions import check_same_conditions, sample_conditions
 from edadm.metrics.evaluation import EvaluateConfig, evaluate_samples
 from edadm.metrics.reference import ReferenceConfig

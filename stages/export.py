@@ -11,7 +11,7 @@ import logging
 import click
 
 from edadm.config import params_options
-from edadm.quant.export import describe_export_summary, export_reconstruction
+from edadm.deploy.export import describe_export_summary, export_reconstruction
 from edadm.runtime import configure_logging
 
 logger = logging.getLogger("stages.export")

@@ -8,7 +8,7 @@ finished unit: checkpoints live in artifacts/.reconstruct-checkpoint, outside DV
 which DVC would delete before rerunning the stage.
 
 With ``dist.nproc_per_node`` > 1 the stage reruns itself under torchrun and reconstructs
-data-parallel (``edadm.quant.data_parallel``); rank 0 writes every output. The outputs do not
+data-parallel (``edadm.recon.data_parallel``); rank 0 writes every output. The outputs do not
 depend on the process count up to floating-point summation order (not bitwise).
 """
 
@@ -23,7 +23,9 @@ from edadm.calib.store import load_calibration
 from edadm.config import load_section, params_options
 from edadm.diffusion.loading import load_unet
 from edadm.distributed import launch, rank_device, shutdown
-from edadm.quant import QuantConfig, ReconConfig, report_rows, run_reconstruction
+from edadm.quant.config import QuantConfig
+from edadm.recon.config import ReconConfig
+from edadm.recon.network import report_rows, run_reconstruction
 from edadm.runtime import configure_logging, load_device
 
 

@@ -297,9 +297,9 @@ def _testbed_stages(tb: Testbed) -> dict:
         f"{tb.prefix}sample_fp": {
             "foreach": tb.fp,
             "do": _stage(
-                f"--which fp {tb.model_flag}{tb.fp_sets}--set sample.n=${{sample_n}} "
+                f"{tb.model_flag}{tb.fp_sets}--set sample.n=${{sample_n}} "
                 f"--out sweep/{art}samples-fp-${{key}}.zarr --timings sweep/{timings}sample-fp-${{key}}.json",
-                "stages/sample.py",
+                "stages/sample_fp.py",
                 [tb.model],
                 _params("device", "sampler", "condition", "sample.n", "sample.batch_size"),
                 outs=[f"{art}samples-fp-${{key}}.zarr"],
@@ -308,10 +308,10 @@ def _testbed_stages(tb: Testbed) -> dict:
         f"{tb.prefix}sample_quant": {
             "foreach": tb.runs,
             "do": _stage(
-                f"--which quant {tb.model_flag}--quant sweep/{art}quant-${{key}} {tb.quant_sets}"
+                f"{tb.model_flag}--quant sweep/{art}quant-${{key}} {tb.quant_sets}"
                 f"--set sample.n=${{sample_n}} --out sweep/{art}samples-${{key}}.zarr "
                 f"--timings sweep/{timings}sample-${{key}}.json",
-                "stages/sample.py",
+                "stages/sample_quant.py",
                 [tb.model, f"{art}quant-${{key}}"],
                 _params("device", "sampler", "condition", "sample"),
                 outs=[f"{art}samples-${{key}}.zarr"],

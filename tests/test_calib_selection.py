@@ -9,7 +9,8 @@ from edadm.calib.baselines import NDTCConfig, ndtc_steps
 from edadm.calib.knn import KNNConfig, knn_mean_distance, pool_features, select_within_steps
 from edadm.calib.selection import SelectConfig, allocation_chart, choose_calibration
 from edadm.calib.tdac import TDACConfig
-from edadm.config import ParamError, as_dict, from_dict
+from edadm.config import as_dict, from_dict
+from edadm.errors import ParamError
 
 
 def make_features(seed: int = 0, steps: int = 12, batch: int = 40, channels: int = 8) -> np.ndarray:

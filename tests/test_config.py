@@ -8,16 +8,18 @@ from pathlib import Path
 import pytest
 
 from edadm.calib.selection import SelectConfig
-from edadm.config import ParamError, as_dict, from_dict, load_params, load_section
+from edadm.config import as_dict, from_dict, load_params, load_section
 from edadm.diffusion.conditioning import ConditionConfig
 from edadm.diffusion.loading import ModelConfig
 from edadm.diffusion.samples import SampleConfig
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.diffusion.trajectories import DumpConfig
 from edadm.distributed import DistConfig
+from edadm.errors import ParamError
 from edadm.metrics.evaluation import EvaluateConfig
 from edadm.metrics.reference import ReferenceConfig
-from edadm.quant import QuantConfig, ReconConfig
+from edadm.quant.config import QuantConfig
+from edadm.recon.config import ReconConfig
 from edadm.runtime import DeviceConfig, load_device
 
 ROOT = Path(__file__).resolve().parents[1]

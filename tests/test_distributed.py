@@ -203,15 +203,15 @@ def samples(project) -> Path:
     the same seeds and conditions) and the digits reference."""
     common = ["--params", "params.yaml", "--model", "class", "--timings", "timings.json"]
     with contextlib.chdir(project):
-        run_stage("sample", "--which", "fp", *common, "--out", "fp.zarr")
-        run_stage("sample", "--which", "fp", *common, "--set", "sampler.steps=3", "--out", "quant.zarr")
+        run_stage("sample_fp", *common, "--out", "fp.zarr")
+        run_stage("sample_fp", *common, "--set", "sampler.steps=3", "--out", "quant.zarr")
         run_stage("reference", "--params", "params.yaml", "--out", "reference", "--timings", "timings.json")
     return project
 
 
 def test_samples_under_torchrun_are_the_one_process_samples(samples):
-    args = ["--which", "fp", "--params", "params.yaml", "--model", "class", "--timings", "timings.json"]
-    _ok(_spawn([*TORCHRUN, str(ROOT / "stages" / "sample.py"), *args, "--out", "fp_ranks.zarr"], samples))
+    args = ["--params", "params.yaml", "--model", "class", "--timings", "timings.json"]
+    _ok(_spawn([*TORCHRUN, str(ROOT / "stages" / "sample_fp.py"), *args, "--out", "fp_ranks.zarr"], samples))
     _assert_same_store(samples / "fp.zarr", samples / "fp_ranks.zarr")
 
 

@@ -1,4 +1,4 @@
-"""Data-parallel reconstruction (edadm.quant.data_parallel) on 2 ranks against one process.
+"""Data-parallel reconstruction (edadm.recon.data_parallel) on 2 ranks against one process.
 
 Two torchrun launches (gloo, CPU, one thread a rank): this file as a script on 2 ranks (FBR with
 QDrop, BRECQ, and FBR interrupted and resumed; every rank saves its state), and the reconstruct
@@ -36,8 +36,10 @@ from edadm.calib.calibration_set import CalibrationSet
 from edadm.calib.store import write_calibration
 from edadm.config import as_dict
 from edadm.distributed import launch, shutdown
-from edadm.quant import QuantConfig, ReconConfig, run_reconstruction
+from edadm.quant.config import QuantConfig
 from edadm.quant.state import quant_state_dict
+from edadm.recon.config import ReconConfig
+from edadm.recon.network import run_reconstruction
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANT = QuantConfig(w_bits=4, a_bits=8)

@@ -7,11 +7,11 @@ import pytest
 import torch
 import zarr
 
-from edadm.artifacts import TRAJECTORIES, ArtifactError, open_store, read_array
-from edadm.config import ParamError
+from edadm.artifacts import TRAJECTORIES, open_store, read_array
 from edadm.diffusion.hooks import InputRecorder
 from edadm.diffusion.sampling import SamplerConfig, sample
 from edadm.diffusion.trajectories import DumpConfig, dump_trajectories
+from edadm.errors import ArtifactError, ParamError
 
 LAYER = "mid_block.attentions.0"
 SAMPLER = SamplerConfig(steps=5)

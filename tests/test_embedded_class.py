@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import edadm.diffusion.embedded as embedded
-from edadm.artifacts import ArtifactError
-from edadm.config import ParamError, from_dict, load_params, load_section
+from edadm.config import from_dict, load_params, load_section
 from edadm.data import digits_split
 from edadm.diffusion.embedded import (
     NULL_LABEL,
@@ -28,6 +27,7 @@ from edadm.diffusion.embedded import (
     train_embedded,
 )
 from edadm.diffusion.loading import DiffusionModel, ModelConfig, kind_from_unet, model_hash, save_model
+from edadm.errors import ArtifactError, ParamError
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""edadm.quant.packing / export: packed codes, the self-contained file, `edadm export` / `inspect`."""
+"""edadm.deploy.packing / export: packed codes, the self-contained file, `edadm export` / `inspect`."""
 
 from __future__ import annotations
 
@@ -12,25 +12,21 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_models import quick_recon, tiny_attn_unet, tiny_calib, tiny_cond_unet
 
-from edadm.artifacts import ArtifactError
 from edadm.cli import main
-from edadm.inspect import describe
-from edadm.quant import (
-    QuantConfig,
-    calibrate_activations,
+from edadm.deploy.export import (
+    EXPORT_SCHEMA_VERSION,
     export_quantized,
+    export_summary,
     fp32_size_bytes,
     load_exported,
-    load_quant_model,
-    pack_codes,
-    quantize_model,
-    run_reconstruction,
-    set_quant_state,
-    unpack_codes,
 )
-from edadm.quant.export import EXPORT_SCHEMA_VERSION, export_summary
-from edadm.quant.model import quant_layers
-from edadm.quant.state import SCHEMA_VERSION, save_quant_state
+from edadm.deploy.packing import pack_codes, unpack_codes
+from edadm.errors import ArtifactError
+from edadm.inspect import describe
+from edadm.quant.config import QuantConfig
+from edadm.quant.model import calibrate_activations, quant_layers, quantize_model, set_quant_state
+from edadm.quant.state import SCHEMA_VERSION, load_quant_model, save_quant_state
+from edadm.recon.network import run_reconstruction
 
 logger = logging.getLogger(__name__)
 

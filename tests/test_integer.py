@@ -10,23 +10,21 @@ import torch
 from diffusers.models.attention_processor import Attention
 from tiny_models import fake_and_integer_samples, tiny_attn_unet, tiny_calib
 
-from edadm.diffusion.samples import SampleConfig
-from edadm.diffusion.sampling import SamplerConfig
-from edadm.quant import QuantConfig, calibrate_activations, quantize_model
-from edadm.quant import integer as integer_module
-from edadm.quant.integer import (
+from edadm.deploy import integer as integer_module
+from edadm.deploy.integer import IntegerAttnProcessor, IntegerLayer, shifted_codes, to_integer
+from edadm.deploy.kernels import (
     FLOAT_EXACT_K,
     FLOAT_EXACT_K_CENTERED,
-    IntegerAttnProcessor,
-    IntegerLayer,
     affine_bmm,
     int8_bmm,
     int_mm,
     onednn_available,
-    shifted_codes,
-    to_integer,
 )
+from edadm.diffusion.samples import SampleConfig
+from edadm.diffusion.sampling import SamplerConfig
+from edadm.quant.config import QuantConfig
 from edadm.quant.layers import QuantLayer
+from edadm.quant.model import calibrate_activations, quantize_model
 
 BACKENDS = ["int_mm"] + (["onednn"] if onednn_available() else [])
 

@@ -1,4 +1,4 @@
-"""The compiled integer model (edadm.quant.compiled): torch.compile keeps fake quantization's codes.
+"""The compiled integer model (edadm.deploy.compiled): torch.compile keeps fake quantization's codes.
 
 One reconstructed tiny model serves every test, at one batch size, so inductor compiles the
 whole UNet once (later compiles of the same graph hit its FX graph cache).
@@ -21,12 +21,15 @@ from click.testing import CliRunner
 from diffusers import DDPMPipeline, DDPMScheduler
 from tiny_models import quick_recon, tiny_attn_unet, tiny_calib
 
+from edadm.deploy import compiled as compiled_module
+from edadm.deploy.compiled import CompiledUNet, compile_integer, compile_unavailable_reason
+from edadm.deploy.integer import to_integer
+from edadm.deploy.kernels import onednn_available
 from edadm.diffusion.samples import SampleConfig, generate_samples, load_samples
 from edadm.diffusion.sampling import SamplerConfig
-from edadm.quant import QuantConfig, load_quant_model, run_reconstruction
-from edadm.quant import compiled as compiled_module
-from edadm.quant.compiled import CompiledUNet, compile_integer, compile_unavailable_reason
-from edadm.quant.integer import onednn_available, to_integer
+from edadm.quant.config import QuantConfig
+from edadm.quant.state import load_quant_model
+from edadm.recon.network import run_reconstruction
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 4
@@ -114,13 +117,13 @@ def test_sample_stage_int_compile(pipeline_dirs, tmp_path, monkeypatch, caplog) 
     params["sample"].update(n=BATCH + 2, batch_size=BATCH, mode="int")  # the last batch is padded
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(params))
-    spec = importlib.util.spec_from_file_location("stage_sample", ROOT / "stages" / "sample.py")
+    spec = importlib.util.spec_from_file_location("stage_sample", ROOT / "stages" / "sample_quant.py")
     stage = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stage)
     dirs = ["--model", str(pipeline_dirs / "model"), "--quant", str(pipeline_dirs / "quant")]
     for name, flag in (("eager", "false"), ("compiled", "true")):
-        args = ["--which", "quant", *dirs, "--set", f"sample.int_compile={flag}", "--out", f"{name}.zarr"]
-        with caplog.at_level(logging.WARNING, logger="edadm.quant.compiled"):
+        args = [*dirs, "--set", f"sample.int_compile={flag}", "--out", f"{name}.zarr"]
+        with caplog.at_level(logging.WARNING, logger="edadm.deploy.compiled"):
             result = CliRunner().invoke(stage.main, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
     assert "eager" not in caplog.text  # compiled, not the fallback
@@ -131,7 +134,7 @@ def test_sample_stage_int_compile(pipeline_dirs, tmp_path, monkeypatch, caplog) 
 
 def test_no_compiler_falls_back_to_eager_with_a_warning(models, monkeypatch, caplog) -> None:
     monkeypatch.setattr(compiled_module, "compile_unavailable_reason", lambda device: "no C++ compiler found")
-    with caplog.at_level(logging.WARNING, logger="edadm.quant.compiled"):
+    with caplog.at_level(logging.WARNING, logger="edadm.deploy.compiled"):
         assert compile_integer(models["int"]) is models["int"]
     assert "no C++ compiler found" in caplog.text and "eager" in caplog.text
 
@@ -145,7 +148,7 @@ def test_a_failed_compilation_runs_eager_with_a_warning(models, caplog) -> None:
     wrapper = CompiledUNet(models["int"])
     object.__setattr__(wrapper, "_compiled", fail)  # what torch.compile raises without g++
     calib = tiny_calib(2, seed=7)
-    with caplog.at_level(logging.WARNING, logger="edadm.quant.compiled"), torch.no_grad():
+    with caplog.at_level(logging.WARNING, logger="edadm.deploy.compiled"), torch.no_grad():
         out = wrapper(calib.x, calib.t).sample
         assert torch.equal(out, models["int"](calib.x, calib.t).sample)
     assert (

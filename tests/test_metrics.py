@@ -6,16 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from edadm.config import ParamError
-from edadm.metrics import (
-    FIDInceptionV3,
-    feature_stats,
-    frechet_distance,
-    inception_score,
-    load_fid_inception,
-    paired_agreement,
-    precision_recall,
-)
+from edadm.errors import ParamError
+from edadm.metrics import precision_recall
+from edadm.metrics.frechet import feature_stats, frechet_distance
+from edadm.metrics.inception import FIDInceptionV3, load_fid_inception
+from edadm.metrics.scores import inception_score, paired_agreement
 
 
 # --------------------------------------------------------------------------------------------- Frechet

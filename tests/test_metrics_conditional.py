@@ -20,22 +20,15 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from edadm.artifacts import SAMPLES, ArtifactError, create_array, create_store, finish_store
+from edadm.artifacts import SAMPLES, create_array, create_store, finish_store
 from edadm.data import digits_split
-from edadm.metrics import (
-    CLIPScorer,
-    SampleConditions,
-    build_reference,
-    class_consistency,
-    clip_score,
-    evaluate_samples,
-    reference_config,
-    sample_conditions,
-    ssim_per_image,
-    structural_similarity,
-)
-from edadm.metrics.evaluation import reference_class_consistency
-from edadm.metrics.ssim import K1, K2, gaussian_window
+from edadm.errors import ArtifactError
+from edadm.metrics.clip import CLIPScorer, clip_score
+from edadm.metrics.conditions import SampleConditions, sample_conditions
+from edadm.metrics.evaluation import evaluate_samples, reference_class_consistency
+from edadm.metrics.reference import build_reference, reference_config
+from edadm.metrics.scores import class_consistency
+from edadm.metrics.ssim import K1, K2, gaussian_window, ssim_per_image, structural_similarity
 
 ROOT = Path(__file__).resolve().parents[1]
 

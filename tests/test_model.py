@@ -17,8 +17,7 @@ from diffusers import DDPMPipeline, UNet2DConditionModel, UNet2DModel
 from tiny_models import tiny_cond_unet
 
 import edadm.diffusion.embedded as embedded
-from edadm.artifacts import ArtifactError
-from edadm.config import ParamError, as_dict, from_dict
+from edadm.config import as_dict, from_dict
 from edadm.data import digits_images, digits_split
 from edadm.diffusion.embedded import (
     EmbeddedConfig,
@@ -34,6 +33,7 @@ from edadm.diffusion.loading import (
     model_hash,
     save_model,
 )
+from edadm.errors import ArtifactError, ParamError
 
 ROOT = Path(__file__).resolve().parents[1]
 

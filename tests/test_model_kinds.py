@@ -19,11 +19,10 @@ import zarr
 from stage_runner import run_stage
 from tiny_pipelines import NULL_CLASS, NUM_CLASSES, save_class_conditional, save_latent, save_text_to_image
 
-from edadm.artifacts import ArtifactError
 from edadm.calib.store import load_calibration
-from edadm.config import ParamError
 from edadm.diffusion.conditioning import ConditionConfig, Conditioning
 from edadm.diffusion.loading import load_diffusion_model
+from edadm.errors import ArtifactError, ParamError
 from edadm.inspect import describe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,9 +57,9 @@ def test_each_model_kind_runs_through_every_stage(kind, tmp_path, monkeypatch):
     run_stage("dump")
     run_stage("selection")
     run_stage("reconstruct")
-    run_stage("sample", "--which", "fp")
-    run_stage("sample", "--which", "quant")
-    run_stage("sample", "--which", "quant", "--set", "sample.mode=int", "--out", "artifacts/samples/int.zarr")
+    run_stage("sample_fp")
+    run_stage("sample_quant")
+    run_stage("sample_quant", "--set", "sample.mode=int", "--out", "artifacts/samples/int.zarr")
     run_stage("evaluate")
 
     dump = zarr.open_group("artifacts/trajectories.zarr", mode="r")
@@ -98,7 +97,7 @@ def test_each_model_kind_runs_through_every_stage(kind, tmp_path, monkeypatch):
     assert 0.0 < metrics["quant"]["ssim_vs_fp"] <= 1.0
 
     # integer kernels: the same codes as fake quantization, up to a code that float round-off
-    # flips and the steps carry (edadm.quant.integer): far closer to fake quant than it is to FP
+    # flips and the steps carry (edadm.deploy.integer): far closer to fake quant than it is to FP
     assert _psnr(integer["images"][:], quant["images"][:]) > _psnr(quant["images"][:], fp["images"][:]) + 5.0
 
 

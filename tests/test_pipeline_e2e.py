@@ -158,7 +158,7 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     # The exported file alone (no model dir, no quant dir) reproduces the quantized samples.
     export = "artifacts/export/model.safetensors"
     _run(
-        [sys.executable, "stages/sample.py", "--which", "quant", "--export", export,
+        [sys.executable, "stages/sample_quant.py", "--export", export,
          "--model", "missing", "--out", "exported.zarr", "--timings", "exported.json"],
         repo,
     )  # fmt: skip

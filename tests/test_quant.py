@@ -15,36 +15,28 @@ from safetensors.torch import load_file
 from tiny_models import quick_recon, tiny_attn_unet, tiny_calib, tiny_cond_unet
 from torch import nn
 
-from edadm.artifacts import ArtifactError
 from edadm.calib.calibration_set import CalibrationSet
-from edadm.config import ParamError, from_dict
-from edadm.quant import (
-    AdaRoundQuantizer,
-    Phase,
-    QDrop,
-    QuantAttnProcessor,
-    QuantConfig,
-    QuantLayer,
-    ReconConfig,
-    UniformAffineQuantizer,
+from edadm.config import from_dict
+from edadm.errors import ArtifactError, ParamError
+from edadm.quant.adaround import AdaRoundQuantizer
+from edadm.quant.attention import QuantAttnProcessor
+from edadm.quant.config import QuantConfig
+from edadm.quant.layers import QuantLayer
+from edadm.quant.model import (
     UnsupportedLayerWarning,
     calibrate_activations,
-    dequantize,
     describe_units,
-    fake_quantize,
-    fbr_loss,
-    load_quant_model,
-    lp_loss,
-    quantize,
+    quant_info,
     quantize_model,
-    report_rows,
-    run_reconstruction,
-    search_range,
     set_quant_state,
 )
-from edadm.quant.model import quant_info
-from edadm.quant.reconstruction import plan_steps, reconstruct
-from edadm.quant.state import quant_state_dict
+from edadm.quant.quantizer import UniformAffineQuantizer, dequantize, fake_quantize, quantize, search_range
+from edadm.quant.state import load_quant_model, quant_state_dict
+from edadm.recon.config import ReconConfig
+from edadm.recon.losses import fbr_loss, lp_loss
+from edadm.recon.network import reconstruct, report_rows, run_reconstruction
+from edadm.recon.plan import Phase, plan_steps
+from edadm.recon.qdrop import QDrop
 
 ROOT = Path(__file__).resolve().parents[1]
 

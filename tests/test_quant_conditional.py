@@ -30,25 +30,19 @@ from tiny_models import quick_recon, tiny_class_unet, tiny_cond_unet
 from torch import nn
 
 from edadm.calib.calibration_set import CalibrationSet
+from edadm.deploy.export import export_quantized, export_reconstruction, export_summary, load_exported
+from edadm.deploy.integer import IntegerLayer, to_integer
+from edadm.deploy.kernels import onednn_available
 from edadm.inspect import describe
-from edadm.quant import (
-    QuantAttnProcessor,
-    QuantConfig,
-    calibrate_activations,
-    export_quantized,
-    load_exported,
-    load_quant_model,
-    quantize_model,
-    reconstruct,
-    run_reconstruction,
-    timestep_groups,
-)
-from edadm.quant.caching import CaptureTarget, capture_units
-from edadm.quant.export import export_reconstruction, export_summary
-from edadm.quant.integer import IntegerLayer, onednn_available, to_integer
+from edadm.quant import timestep_groups
+from edadm.quant.attention import QuantAttnProcessor
+from edadm.quant.config import QuantConfig
 from edadm.quant.layers import QuantLayer
-from edadm.quant.model import quant_info
+from edadm.quant.model import calibrate_activations, quant_info, quantize_model
 from edadm.quant.quantizer import UniformAffineQuantizer
+from edadm.quant.state import load_quant_model
+from edadm.recon.caching import CaptureTarget, capture_units
+from edadm.recon.network import reconstruct, run_reconstruction
 
 KINDS = ("text", "class")
 NULL_CLASS = 3  # tiny_class_unet's unconditional label (num_class_embeds - 1)

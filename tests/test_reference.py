@@ -12,25 +12,21 @@ import numpy as np
 import pytest
 import torch
 
-from edadm.artifacts import ArtifactError
-from edadm.config import ParamError, as_dict
+from edadm.config import as_dict
 from edadm.data import digits_split
-from edadm.metrics import (
-    ClassifierConfig,
-    DigitsClassifier,
-    EvaluateConfig,
-    FIDInceptionV3,
+from edadm.errors import ArtifactError, ParamError
+from edadm.metrics import evaluation as evaluation_module
+from edadm.metrics.classifier import ClassifierConfig, DigitsClassifier, random_shift, train_classifier
+from edadm.metrics.evaluation import EvaluateConfig, evaluate_samples
+from edadm.metrics.extractors import extract_all
+from edadm.metrics.inception import FIDInceptionV3
+from edadm.metrics.reference import (
     build_reference,
-    evaluate_samples,
-    extract_all,
     load_extractor,
     load_reference_stats,
     read_reference,
     reference_config,
-    train_classifier,
 )
-from edadm.metrics import evaluation as evaluation_module
-from edadm.metrics.classifier import random_shift
 
 # Test accuracy of seed 0, 10 epochs, measured on 2 CPU cores: 357 / 360 (the default 20 epochs
 # give 358 / 360). Float round-off differs across CPUs and thread counts: allow two images.

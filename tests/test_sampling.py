@@ -9,7 +9,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from tiny_models import tiny_attn_unet
 
-from edadm.config import ParamError, from_dict
+from edadm.config import from_dict
 from edadm.diffusion.sampling import (
     SamplerConfig,
     ddim_step,
@@ -17,6 +17,7 @@ from edadm.diffusion.sampling import (
     sample,
     sampling_timesteps,
 )
+from edadm.errors import ParamError
 
 
 def _noise(n: int = 2, seed: int = 1) -> torch.Tensor:

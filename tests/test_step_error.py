@@ -16,7 +16,10 @@ from edadm.diffusion.loading import load_unet
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.diffusion.trajectories import DumpConfig, dump_trajectories
 from edadm.metrics.step_error import noise_error_by_step
-from edadm.quant import QuantConfig, ReconConfig, load_quant_model, run_reconstruction
+from edadm.quant.config import QuantConfig
+from edadm.quant.state import load_quant_model
+from edadm.recon.config import ReconConfig
+from edadm.recon.network import run_reconstruction
 
 LAYER = "mid_block.attentions.0"
 

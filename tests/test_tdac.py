@@ -7,17 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edadm.calib.tdac import (
-    allocate_counts,
-    assemble_reference,
+from edadm.calib.step_scores import (
     auto_radius,
     density_counts,
     pairwise_step_mse,
     step_statistics,
-    tdac_allocation,
     tdac_scores,
 )
-from edadm.config import ParamError
+from edadm.calib.tdac import allocate_counts, assemble_reference, tdac_allocation
+from edadm.errors import ParamError
 
 
 def slow_scores(features: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

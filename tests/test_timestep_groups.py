@@ -12,26 +12,19 @@ from safetensors.torch import load_file
 from tiny_models import fake_and_integer_samples, quick_recon, tiny_attn_unet
 
 from edadm.calib.calibration_set import CalibrationSet
-from edadm.config import ParamError, from_dict
+from edadm.config import from_dict
+from edadm.deploy.export import export_quantized, export_summary, load_exported
+from edadm.deploy.integer import to_integer
+from edadm.deploy.kernels import onednn_available
 from edadm.diffusion.samples import SampleConfig
 from edadm.diffusion.sampling import SamplerConfig, sampling_timesteps
-from edadm.quant import (
-    QuantConfig,
-    TimestepGroups,
-    calibrate_activations,
-    export_quantized,
-    load_exported,
-    load_quant_model,
-    quantize_model,
-    run_reconstruction,
-    timestep_groups,
-)
-from edadm.quant.export import export_summary
-from edadm.quant.integer import onednn_available, to_integer
-from edadm.quant.model import act_quantizers
-from edadm.quant.reconstruction import reconstruct
-from edadm.quant.state import load_quant_state, quant_state_dict
-from edadm.quant.timestep_groups import BOUNDARIES_KEY
+from edadm.errors import ParamError
+from edadm.quant import timestep_groups
+from edadm.quant.config import QuantConfig
+from edadm.quant.model import act_quantizers, calibrate_activations, quantize_model
+from edadm.quant.state import load_quant_model, load_quant_state, quant_state_dict
+from edadm.quant.timestep_groups import BOUNDARIES_KEY, TimestepGroups
+from edadm.recon.network import reconstruct, run_reconstruction
 
 TIMESTEPS = [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]  # a 10-step sampler, noisiest first
 RATIO = 10.0  # group 0's inputs are RATIO times group 1's

@@ -7,10 +7,10 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 
 from edadm.calib.calibration_set import CalibrationSet
+from edadm.deploy.integer import to_integer
 from edadm.diffusion.samples import SampleConfig, generate_samples, load_samples
 from edadm.diffusion.sampling import SamplerConfig
-from edadm.quant.config import ReconConfig
-from edadm.quant.integer import to_integer
+from edadm.recon.config import ReconConfig
 
 
 def tiny_cond_unet(seed: int = 0, channels: int = 2) -> UNet2DConditionModel:

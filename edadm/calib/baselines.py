@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edadm.config import ParamError, check_range
+from edadm.config import check_range
+from edadm.errors import ParamError
 
 logger = logging.getLogger(__name__)
 

@@ -66,7 +66,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from edadm.config import ParamError, check_range
+from edadm.calib.step_scores import min_max_normalise
+from edadm.config import check_range
+from edadm.errors import ParamError
 
 logger = logging.getLogger(__name__)
 
@@ -224,9 +226,6 @@ def select_within_steps(
             batch,
         )
         distinct = False
-
-    # Imported here: edadm.calib.tdac imports this module (KNNConfig is one of its knobs).
-    from edadm.calib.tdac import min_max_normalise
 
     available = np.ones(batch, dtype=bool)  # trajectories not used yet (distinct mode)
     trajs, steps = [], []

@@ -24,7 +24,8 @@ from edadm.calib.baselines import (
     uniform_selection,
 )
 from edadm.calib.tdac import TDACConfig, tdac_selection
-from edadm.config import ParamError, check_range
+from edadm.config import check_range
+from edadm.errors import ParamError
 
 logger = logging.getLogger(__name__)
 

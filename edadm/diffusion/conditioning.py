@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from edadm.artifacts import ArtifactError
-from edadm.config import ParamError, check_range
+from edadm.config import check_range
 from edadm.diffusion.loading import DiffusionModel
+from edadm.errors import ArtifactError, ParamError
 
 logger = logging.getLogger(__name__)
 

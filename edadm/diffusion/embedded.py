@@ -34,8 +34,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from edadm.artifacts import ArtifactError, file_sha256
-from edadm.config import ParamError, as_dict, check_range
+from edadm.artifacts import file_sha256
+from edadm.config import as_dict, check_range
+from edadm.errors import ArtifactError, ParamError
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from edadm.config import ParamError
+from edadm.errors import ParamError
 
 
 def find_module(model: torch.nn.Module, name: str, param: str) -> torch.nn.Module:

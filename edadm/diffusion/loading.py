@@ -34,9 +34,9 @@ from diffusers import (
     VQModel,
 )
 
-from edadm.artifacts import ArtifactError, atomic_output
-from edadm.config import ParamError
+from edadm.artifacts import atomic_output
 from edadm.diffusion.embedded import EmbeddedConfig
+from edadm.errors import ArtifactError, ParamError
 
 logger = logging.getLogger(__name__)
 

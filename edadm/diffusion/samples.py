@@ -57,10 +57,10 @@ class SampleConfig:
     )
     batch_size: int = 256
     seed: int = 0
-    # int: the quantized Conv2d / Linear layers on int8 kernels (edadm.quant.integer)
+    # int: the quantized Conv2d / Linear layers on int8 kernels (edadm.deploy.integer)
     mode: Literal["fake", "int"] = "fake"
     int_backend: Literal["auto", "onednn", "int_mm"] = "auto"  # auto: onednn on CPU, int_mm on CUDA
-    # mode int: torch.compile the integer UNet (edadm.quant.compiled): same codes, fused element-wise work
+    # mode int: torch.compile the integer UNet (edadm.deploy.compiled): same codes, fused element-wise work
     int_compile: bool = False
 
     def __post_init__(self) -> None:

@@ -16,7 +16,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
-from edadm.config import ParamError, check_range
+from edadm.config import check_range
+from edadm.errors import ParamError
 
 if TYPE_CHECKING:
     from edadm.diffusion.conditioning import BatchCondition

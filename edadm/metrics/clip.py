@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from edadm.artifacts import ArtifactError
+from edadm.errors import ArtifactError
 
 logger = logging.getLogger(__name__)
 

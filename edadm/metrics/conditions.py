@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from edadm.artifacts import SAMPLES, ArtifactError, open_store, read_array
+from edadm.artifacts import SAMPLES, open_store, read_array
+from edadm.errors import ArtifactError
 
 CONDITIONS_ARRAY = "conditions"
 CONDITION_ATTR = "condition"

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edadm.config import ParamError
+from edadm.errors import ParamError
 from edadm.metrics.extractors import Extracted, FeatureExtractor
 
 logger = logging.getLogger(__name__)

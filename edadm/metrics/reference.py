@@ -34,9 +34,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from edadm.artifacts import ArtifactError, atomic_output, file_sha256, read_json, write_json
-from edadm.config import ParamError, as_dict, from_dict
+from edadm.artifacts import atomic_output, file_sha256, read_json, write_json
+from edadm.config import as_dict, from_dict
 from edadm.data import digits_split
+from edadm.errors import ArtifactError, ParamError
 from edadm.metrics.classifier import IMAGE_SIZE, ClassifierConfig, DigitsClassifier, train_classifier
 from edadm.metrics.extractors import FeatureExtractor, extract_all
 from edadm.metrics.frechet import feature_stats, frechet_distance

@@ -11,7 +11,7 @@ Split shortcut (Q-Diffusion): a layer whose input is concat([h, skip]) (the up p
 ResnetBlock2D conv1 and conv_shortcut) has ``split`` = channels of h; the input halves
 [:split] / [split:] get ``act_quantizer`` / ``act_quantizer_0`` and the weight's input-channel
 halves get ``weight_quantizer`` / ``weight_quantizer_0``, because the two halves have very
-different ranges. Where the split comes from: see ``edadm.quant.blocks.trace_model``.
+different ranges. Where the split comes from: see ``edadm.quant.units.trace_model``.
 
 The float weight and bias stay registered under their original names, so the wrapped model's
 state_dict keeps the float keys; with quantization switched off the forward is the original

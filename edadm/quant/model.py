@@ -42,7 +42,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edadm.quant.attention import QuantAttnProcessor, unsupported_reason
-from edadm.quant.blocks import ModelLayout, Unit, default_example_inputs, trace_model
 from edadm.quant.config import QuantConfig, is_float_bits
 from edadm.quant.layers import QuantLayer
 from edadm.quant.quantizer import UniformAffineQuantizer
@@ -52,6 +51,7 @@ from edadm.quant.timestep_groups import (
     install_hooks,
     no_samples_message,
 )
+from edadm.quant.units import ModelLayout, Unit, default_example_inputs, trace_model
 
 logger = logging.getLogger(__name__)
 

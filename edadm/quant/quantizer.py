@@ -23,15 +23,20 @@ quantizes every sample with its group's.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
-from edadm.quant.qdrop import QDrop
-
 if TYPE_CHECKING:
     from edadm.quant.timestep_groups import TimestepGroups
+
+
+class ElementMixer(Protocol):
+    """What a quantizer calls while a unit is reconstructed: QDrop (``edadm.recon.qdrop``)."""
+
+    def mix(self, x_float: torch.Tensor, x_quant: torch.Tensor) -> torch.Tensor: ...
+
 
 SEARCH_CANDIDATES = 100  # METHOD.md 0: tau = (i / 100) * max|x|, i = 1..100
 SEARCH_P = 2.4  # METHOD.md 0: L_p error with p = 2.4
@@ -233,7 +238,7 @@ class UniformAffineQuantizer(nn.Module):
     (search on each batch, exponential moving average of min / max, METHOD.md 0), then the
     step size ``scale`` may be learned (a Parameter; straight-through rounding, LSQ-style)
     while the zero-point stays fixed. ``qdrop`` (set only while a unit is reconstructed, see
-    ``edadm.quant.qdrop``) mixes the float input back into the output element-wise.
+    ``edadm.recon.qdrop``) mixes the float input back into the output element-wise.
 
     ``timestep_groups`` (activations only): G (scale, zero_point) pairs, [G] each, one per
     group of sampling steps; sample b of a batch uses its group's (dim 0 is the batch).
@@ -267,7 +272,7 @@ class UniformAffineQuantizer(nn.Module):
         self.running_min: torch.Tensor | None = None
         self.running_max: torch.Tensor | None = None
         self.calibrated_groups: torch.Tensor | None = None  # [G] bool while calibrating with groups
-        self.qdrop: QDrop | None = None
+        self.qdrop: ElementMixer | None = None
         self.search_max_elements = 0  # >0: subsampled error in the calibration search
 
     @property

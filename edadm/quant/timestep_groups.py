@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edadm.config import ParamError
+from edadm.errors import ParamError
 
 PARAM = "quant.act_timestep_groups"
 BOUNDARIES_KEY = "act_timestep_groups.boundaries"  # its name in state.safetensors and the export

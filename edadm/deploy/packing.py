@@ -1,4 +1,4 @@
-"""Integer weight codes packed into bytes, for the exported file (``edadm.quant.export``).
+"""Integer weight codes packed into bytes, for the exported file (``edadm.deploy.export``).
 
 Codes are the unsigned grid [0, 2^b - 1] of ``QuantLayer.weight_int`` (uint8). At b <= 4 two
 codes share a byte: the flattened codes in order, element 2i in the low nibble and 2i + 1 in

@@ -3,7 +3,7 @@
 The file is a safetensors file that needs nothing else (no model directory, no calibration
 or reconstruction artifacts). It holds:
 - ``{layer}.weight_packed`` (uint8): the integer weight codes of every weight-quantized
-  QuantLayer, packed by ``edadm.quant.packing`` (two per byte at <= 4 bits); the layer's
+  QuantLayer, packed by ``edadm.deploy.packing`` (two per byte at <= 4 bits); the layer's
   float weight is not stored, it is the dequantized codes;
 - every quantizer's ``scale`` / ``zero_point`` / ``bits``, as ``quant_state_dict`` names them;
 - every other tensor of the model's state_dict (biases, norms, float layers) in float32;
@@ -33,17 +33,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from edadm.artifacts import ArtifactError, atomic_output
-from edadm.config import ParamError, as_dict, from_dict
+from edadm.artifacts import atomic_output
+from edadm.config import as_dict, from_dict
+from edadm.deploy.packing import pack_codes, unpack_codes
 from edadm.diffusion.loading import UNET_CLASSES
-from edadm.quant.blocks import ModelLayout
+from edadm.errors import ArtifactError, ParamError
 from edadm.quant.config import QuantConfig
 from edadm.quant.layers import QuantLayer
 from edadm.quant.model import quant_info, quant_layers, quantize_model
-from edadm.quant.packing import pack_codes, unpack_codes
 from edadm.quant.quantizer import UniformAffineQuantizer
 from edadm.quant.state import load_quant_state, quant_state_dict, save_safetensors, timestep_groups_entry
 from edadm.quant.timestep_groups import BOUNDARIES_KEY
+from edadm.quant.units import ModelLayout
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ activation quantizer of the unit (its float input vs its fake-quantized output),
 with ``QDrop.installed``. One generator draws every mask of a unit, so a unit's masks depend
 only on its seed (a resumed run draws the same ones).
 
-Data-parallel reconstruction (``edadm.quant.data_parallel``): a rank holds rows ``start:stop``
+Data-parallel reconstruction (``edadm.recon.data_parallel``): a rank holds rows ``start:stop``
 of a batch of ``batch`` samples (``shard``). It draws every mask for the whole batch, from the
 same generator state as the other ranks, and keeps its rows: the ranks' masks together are the
 one process's, and the generators stay in step.

@@ -1,10 +1,7 @@
 """Reconstruction of one unit (a block, or a single layer) on its cache (METHOD.md 3).
 
-A ``Phase`` says what a unit's step learns; its named constructors are the methods' phases:
-``Phase.fbr`` (EDA-DM), ``Phase.layer`` (layer-wise), ``Phase.brecq_weights`` /
-``Phase.brecq_activations`` (the BRECQ / Q-Diffusion baseline's two passes) and
-``Phase.range_only`` (no learning). ``reconstruct_unit`` learns, ``evaluate_unit`` measures
-the losses the report holds.
+``reconstruct_unit`` learns what its ``Phase`` (``edadm.recon.plan``) says, ``evaluate_unit``
+measures the losses the report holds.
 
 The quantized pass feeds the unit all of its quantized-path inputs. QDrop mixes only the
 main input, x~ = where(rand < p, x, quantized-path input); the other inputs (temb, which the
@@ -12,7 +9,7 @@ quantized time-embedding layers produce) come from the quantized path unmixed, a
 official code, so the unit learns to work with the temb the quantized network will really
 give it. encoder_hidden_states is the same in both paths (the text encoder stays in float).
 
-Data-parallel (``dist``, see ``edadm.quant.data_parallel``): each rank learns on its part of
+Data-parallel (``dist``, see ``edadm.recon.data_parallel``): each rank learns on its part of
 every batch and the gradients are summed over the ranks before each step; the evaluation
 batches are shared out. One process (``dist`` None) runs as without it.
 """
@@ -20,9 +17,7 @@ batches are shared out. One process (``dist`` None) runs as without it.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,88 +26,16 @@ from tqdm.auto import tqdm
 
 from edadm.distributed import Dist
 from edadm.quant.adaround import LinearTempDecay
-from edadm.quant.blocks import Unit
-from edadm.quant.caching import UnitCache
-from edadm.quant.config import ReconConfig
-from edadm.quant.data_parallel import batch_shard, split, sum_gradients, sum_in_order
 from edadm.quant.layers import QuantLayer
-from edadm.quant.losses import fbr_loss, lp_loss
 from edadm.quant.model import act_quantizers, set_quant_state
-from edadm.quant.qdrop import QDrop
 from edadm.quant.quantizer import SCALE_EPS
 from edadm.quant.timestep_groups import timestep_groups
-
-# Q-Diffusion's BRECQ optimisers (recon.brecq_optimizer: qdiffusion): Adam's default rate for
-# AdaRound (no rate is passed, no schedule), --cali_lr and --cali_p for the activation pass.
-QDIFFUSION_LR_W = 1e-3
-QDIFFUSION_LR_A = 4e-4
-QDIFFUSION_ACT_LP = 2.4
-
-
-@dataclass(frozen=True, kw_only=True)
-class Phase:
-    """What a reconstruction step of one unit learns, and how. Build it with a named constructor."""
-
-    name: str  # "joint" (fbr, layer), "weights" / "activations" (brecq), "none"
-    learn_weights: bool = False  # AdaRound alpha, Adam(lr_w)
-    learn_acts: bool = False  # activation step sizes, Adam(lr_a)
-    act_quant: bool = False  # activation quantization on in the quantized path
-    layer_terms: bool = False  # FBR's L_m (blocks of two or more layers only, see for_unit)
-    qdrop_prob: float = 0.0  # QDrop on the unit's input and in its activation quantizers
-    round_reg: bool = False  # AdaRound rounding regulariser (recon.round_weight, b_range, warmup)
-    # Optimiser settings that differ from the run's (Q-Diffusion's own BRECQ): None = recon's
-    lr_w: float | None = None
-    lr_a: float | None = None
-    anneal_weights: bool = True  # cosine-anneal the AdaRound rate to 0 (Q-Diffusion: constant)
-    lp: float = 2.0  # exponent of the lp loss
-
-    @classmethod
-    def fbr(cls, config: ReconConfig, *, weights: bool, activations: bool) -> Phase:
-        """EDA-DM's FBR: rounding and steps jointly, L = L_b + gamma * L_m, QDrop; the
-        regulariser when ``recon.round_reg`` (ours; off in the official code)."""
-        return cls(
-            name="joint",
-            learn_weights=weights,
-            learn_acts=activations,
-            act_quant=activations,
-            layer_terms=True,
-            qdrop_prob=config.qdrop_prob,
-            round_reg=config.round_reg and weights,
-        )
-
-    @classmethod
-    def layer(cls, config: ReconConfig, *, weights: bool, activations: bool) -> Phase:
-        """Layer-wise: as FBR on single layers, with the output loss only."""
-        return dataclasses.replace(
-            cls.fbr(config, weights=weights, activations=activations), layer_terms=False
-        )
-
-    @classmethod
-    def brecq_weights(cls, config: ReconConfig) -> Phase:
-        """BRECQ's first pass: AdaRound with its regulariser, activations off, no QDrop."""
-        phase = cls(name="weights", learn_weights=True, round_reg=True)
-        if config.brecq_optimizer == "qdiffusion":
-            return dataclasses.replace(phase, lr_w=QDIFFUSION_LR_W, anneal_weights=False)
-        return phase
-
-    @classmethod
-    def brecq_activations(cls, config: ReconConfig) -> Phase:
-        """BRECQ's second pass: activation steps on the weight-quantized model, no QDrop."""
-        phase = cls(name="activations", learn_acts=True, act_quant=True)
-        if config.brecq_optimizer == "qdiffusion":
-            return dataclasses.replace(phase, lr_a=QDIFFUSION_LR_A, lp=QDIFFUSION_ACT_LP)
-        return phase
-
-    @classmethod
-    def range_only(cls, *, activations: bool) -> Phase:
-        """No learning (``recon.method: none``): only the losses are measured."""
-        return cls(name="none", act_quant=activations)
-
-    def for_unit(self, unit: Unit) -> Phase:
-        """This phase on ``unit``: L_m needs a block of at least two layers (the last is left out)."""
-        if self.layer_terms and (unit.kind != "block" or len(unit.layers) < 2):
-            return dataclasses.replace(self, layer_terms=False)
-        return self
+from edadm.recon.caching import UnitCache
+from edadm.recon.config import ReconConfig
+from edadm.recon.data_parallel import batch_shard, split, sum_gradients, sum_in_order
+from edadm.recon.losses import fbr_loss, lp_loss
+from edadm.recon.plan import Phase
+from edadm.recon.qdrop import QDrop
 
 
 class _OutputRecorder:
@@ -228,7 +151,7 @@ def reconstruct_unit(
 
     ``lrs`` = (lr_w, lr_a); ``seed`` draws the batches and the QDrop masks. Ends with hard
     rounding written to the layers' integer weights. ``dist``: every rank draws the same
-    batches and learns on its part of each (``edadm.quant.data_parallel``); the gradients are
+    batches and learns on its part of each (``edadm.recon.data_parallel``); the gradients are
     summed over the ranks, so all ranks end with the same state.
     """
     dist = dist or Dist()

@@ -1,6 +1,6 @@
 """The integer UNet under ``torch.compile`` (inductor): element-wise work fused around the int8 kernels.
 
-Eager integer inference (``edadm.quant.integer``) runs every layer's input rounding (scale,
+Eager integer inference (``edadm.deploy.integer``) runs every layer's input rounding (scale,
 round, clamp, cast to uint8) and the float parts (GroupNorm, SiLU, residual adds, attention's
 fake-quantized products) as separate passes over memory. Compiled, inductor fuses them: a
 GroupNorm + SiLU + the next layer's input quantization become one kernel that writes uint8
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edadm.quant.integer import IntegerLayer
+from edadm.deploy.integer import IntegerLayer
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ a hash of the configs, the calibration data and the model weights), with its rep
 its timing. Random batches and QDrop masks come from a generator seeded per step from
 ``recon.seed``, so a resumed run writes the same bytes as an uninterrupted one.
 
-Data-parallel under torchrun (``dist``; ``edadm.quant.data_parallel`` says what is split and
+Data-parallel under torchrun (``dist``; ``edadm.recon.data_parallel`` says what is split and
 how): every rank runs every step on its share of the work and holds the same state after it;
 rank 0 initialises the activation ranges (and broadcasts them), writes the checkpoints and the
 artifacts. The result does not depend on the number of ranks (up to floating-point summation
@@ -57,24 +57,18 @@ from tqdm.auto import tqdm
 from edadm.artifacts import atomic_output, write_json
 from edadm.calib.calibration_set import CalibrationSet
 from edadm.config import as_dict
+from edadm.diffusion.loading import model_hash
 from edadm.distributed import Dist
-from edadm.quant.block_reconstruction import Phase, evaluate_unit, reconstruct_unit
-from edadm.quant.blocks import Unit
-from edadm.quant.caching import CaptureTarget, FloatCaches, UnitCache, capture_units
-from edadm.quant.config import QuantConfig, ReconConfig
-from edadm.quant.data_parallel import check_world
+from edadm.quant.config import QuantConfig
 from edadm.quant.model import calibrate_activations, quant_info, quantize_model, set_quant_state
-from edadm.quant.state import (
-    SCHEMA_VERSION,
-    CheckpointStore,
-    build_manifest,
-    calibration_hash,
-    load_quant_state,
-    model_hash,
-    quant_state_dict,
-    save_quant_state,
-)
+from edadm.quant.state import SCHEMA_VERSION, load_quant_state, quant_state_dict, save_quant_state
 from edadm.quant.timestep_groups import sampler_timesteps
+from edadm.recon.artifact import CheckpointStore, build_manifest, calibration_hash
+from edadm.recon.caching import CaptureTarget, FloatCaches, UnitCache, capture_units
+from edadm.recon.config import ReconConfig
+from edadm.recon.data_parallel import check_world
+from edadm.recon.plan import Step, plan_steps, step_seed
+from edadm.recon.unit import evaluate_unit, reconstruct_unit
 
 logger = logging.getLogger(__name__)
 
@@ -112,54 +106,6 @@ class ReconResult:
             "train_seconds": round(sum(t.get("train_seconds", 0.0) for t in steps.values()), 3),
             "steps_resumed": self.timings["steps_resumed"],
         }
-
-
-# ---------------------------------------------------------------------------------------------
-# Planning
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Step:
-    """One checkpointed step: an activation calibration or one unit's reconstruction."""
-
-    name: str
-    kind: str  # "calibrate" | "unit"
-    unit: Unit | None = None
-    phase: Phase | None = None
-
-    @classmethod
-    def calibrate(cls) -> Step:
-        return cls("calibrate", "calibrate")
-
-    @classmethod
-    def reconstruct(cls, phase: Phase, unit: Unit) -> Step:
-        return cls(f"{phase.name}:{unit.name}", "unit", unit, phase.for_unit(unit))
-
-
-def plan_steps(model: nn.Module, config: ReconConfig) -> list[Step]:
-    """The steps of ``config.method`` on this quantized model, in order."""
-    info = quant_info(model)
-    weights, activations = info.config.quantizes_weights, info.config.quantizes_activations
-    units = info.layout.layer_units() if config.method == "layer" else info.layout.units
-    calibrate = [Step.calibrate()] if activations else []
-    if config.method == "brecq":
-        # weights first (activations off), then ranges on the weight-quantized model, then steps
-        steps = [Step.reconstruct(Phase.brecq_weights(config), u) for u in units] if weights else []
-        if activations:
-            steps += calibrate + [Step.reconstruct(Phase.brecq_activations(config), u) for u in units]
-        return steps
-    if config.method == "none":
-        phase = Phase.range_only(activations=activations)
-    elif config.method == "layer":
-        phase = Phase.layer(config, weights=weights, activations=activations)
-    else:
-        phase = Phase.fbr(config, weights=weights, activations=activations)
-    return calibrate + [Step.reconstruct(phase, u) for u in units]
-
-
-def step_seed(seed: int, step_name: str) -> int:
-    """A per-step seed, so a step's random draws do not depend on the steps before it."""
-    digest = hashlib.sha256(f"{seed}:{step_name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,7 +178,7 @@ def _calibrate_step(
     """Initialise every activation range (METHOD.md 0); returns them (the step's checkpoint).
 
     Not data-parallel: each batch's range search needs all of its activations and the EMA chains
-    the batches (``edadm.quant.data_parallel``), so rank 0 runs it and broadcasts the ranges.
+    the batches (``edadm.recon.data_parallel``), so rank 0 runs it and broadcasts the ranges.
     """
     if dist.is_main:
         calibrate_activations(model, calib.batches(config.init_batch_size, device))

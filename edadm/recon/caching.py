@@ -13,7 +13,7 @@ Every positional / keyword input of the unit is cached (pre-hooks with kwargs): 
 ResnetBlock2D that is (hidden_states, temb), for an attention block also temb or
 encoder_hidden_states (``UnitInputs``).
 
-Data-parallel (``dist``, see ``edadm.quant.data_parallel``): each rank runs the quantized
+Data-parallel (``dist``, see ``edadm.recon.data_parallel``): each rank runs the quantized
 passes on its shard of the calibration set and the captures are gathered, so that every rank
 holds the caches of the whole set in calibration order (the learning batches draw from all of
 it); the float passes run whole on every rank (``FloatCaches``).
@@ -25,19 +25,17 @@ import copy
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from edadm.calib.calibration_set import CalibrationSet
 from edadm.distributed import Dist, all_gather_rows
-from edadm.quant.config import ReconConfig
-from edadm.quant.data_parallel import sample_shard, shard_sizes
 from edadm.quant.model import set_quant_state
-
-if TYPE_CHECKING:
-    from edadm.quant.reconstruction import Step
+from edadm.recon.config import ReconConfig
+from edadm.recon.data_parallel import sample_shard, shard_sizes
+from edadm.recon.plan import Step
 
 CACHE_DEVICE = torch.device("cpu")  # unit caches live on the host; batches move to the device
 
@@ -306,7 +304,7 @@ class FloatCaches:
 
     Data-parallel runs fill them on every rank, not split: one float pass serves a whole group
     of units, and gathering its captures (every layer output of the group) would move more
-    bytes than the pass costs to compute (``edadm.quant.data_parallel``). The budget holds
+    bytes than the pass costs to compute (``edadm.recon.data_parallel``). The budget holds
     for every rank.
     """
 
