@@ -36,8 +36,9 @@ from edadm.calib.calibration_set import CalibrationSet
 from edadm.diffusion.embedded import build_embedded_unet
 from edadm.distributed import launch, rank_device, shutdown
 from edadm.quant.config import QuantConfig
+from edadm.recon.api import run_reconstruction
 from edadm.recon.config import ReconConfig
-from edadm.recon.network import ReconResult, run_reconstruction
+from edadm.recon.network import ReconResult
 from edadm.runtime import cpu_name, resolve_device
 
 

@@ -93,7 +93,11 @@ def measure(model_dir: Path, work: Path, n: int, trajectories: int, params: Path
     }
     run("reconstruct.py", recon, naive_w8a8)
     run("sample_fp.py", {"--model": model, "--out": str(work / "fp.zarr"), **scratch}, [])
-    run("sample_quant.py", {"--model": model, "--quant": quant, "--out": str(work / "quant.zarr"), **scratch}, [])
+    run(
+        "sample_quant.py",
+        {"--model": model, "--quant": quant, "--out": str(work / "quant.zarr"), **scratch},
+        [],
+    )
     reference = str(ROOT / "artifacts" / "reference")
     scores = {
         "--fp": str(work / "fp.zarr"),

@@ -53,7 +53,10 @@ def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ())
             section = section.setdefault(name, {})
             if not isinstance(section, dict):
                 raise ParamError(f"--set {override!r}: {name} is not a section of {path}")
-        section[leaf] = yaml.safe_load(text)
+        try:
+            section[leaf] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ParamError(f"--set {override!r}: the value is not valid YAML ({err})") from None
     return params
 
 

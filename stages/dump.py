@@ -1,4 +1,4 @@
-"""Stage `dump`: full-precision trajectories and TDAC feature maps (METHOD.md section 1).
+"""Stage `dump`: full-precision trajectories and TDAC feature maps (docs/method.md §1).
 
 Output: artifacts/trajectories.zarr (x [T, N, C, H, W], t [T], x0, features [T, B, C', h', w'],
 and each trajectory's condition for conditional models, drawn with params ``condition``);
@@ -11,9 +11,9 @@ from __future__ import annotations
 import click
 
 from edadm.artifacts import timed
-from edadm.calib.selection import SelectConfig
 from edadm.config import load_section, params_options
 from edadm.diffusion.conditioning import ConditionConfig, Conditioning
+from edadm.diffusion.hooks import feature_layer_param
 from edadm.diffusion.loading import load_diffusion_model
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.diffusion.trajectories import DumpConfig, dump_trajectories
@@ -30,7 +30,7 @@ def main(params: dict, model_dir: str, out: str, timings: str) -> None:
     configure_logging()
     config = load_section(DumpConfig, "dump", params)
     sampler_config = load_section(SamplerConfig, "sampler", params)
-    feature_layer = load_section(SelectConfig, "select", params).tdac.feature_layer
+    feature_layer = feature_layer_param(params)
     device = load_device(params)
     dist = launch(params, device)  # with dist.nproc_per_node > 1: runs this script under torchrun
     device = rank_device(device, dist)

@@ -1,4 +1,4 @@
-"""Stage `reconstruct`: quantize the UNet and reconstruct it block by block (METHOD.md 0, 3).
+"""Stage `reconstruct`: ``edadm.quantize`` the denoiser, block by block (docs/method.md §0, §3).
 
 Inputs: artifacts/model, artifacts/calib.zarr. Outputs: artifacts/quant/ (state.safetensors,
 manifest.json, report.json) and plots/recon.csv, which hold only what the inputs determine
@@ -15,6 +15,7 @@ depend on the process count up to floating-point summation order (not bitwise).
 from __future__ import annotations
 
 import logging
+import shutil
 
 import click
 
@@ -24,8 +25,9 @@ from edadm.config import load_section, params_options
 from edadm.diffusion.loading import load_unet
 from edadm.distributed import launch, rank_device, shutdown
 from edadm.quant.config import QuantConfig
+from edadm.recon.api import quantize, save_reconstruction
 from edadm.recon.config import ReconConfig
-from edadm.recon.network import report_rows, run_reconstruction
+from edadm.recon.network import report_rows
 from edadm.runtime import configure_logging, load_device
 
 
@@ -51,7 +53,11 @@ def main(
 
     calib = load_calibration(calib_path)
     unet = load_unet(model_dir, param="the model stage's output")
-    result = run_reconstruction(unet, calib, quant_config, recon_config, out, work_dir, device, dist=dist)
+    # edadm.quantize, checkpointed in work_dir so a killed run resumes from its last finished unit
+    model = quantize(unet, calib, quant_config, recon_config, device=device, checkpoints=work_dir, dist=dist)
+    result = save_reconstruction(model, out, dist)
+    if dist.is_main:
+        shutil.rmtree(work_dir, ignore_errors=True)
     shutdown(dist)
     if not dist.is_main:  # rank 0 has written the artifacts and writes the rest
         return

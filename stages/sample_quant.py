@@ -29,7 +29,12 @@ from edadm.errors import ArtifactError
 @click.option("--out", default=None, help="default: artifacts/samples/quant.zarr")
 @click.option("--timings", default=None, help="default: metrics/timings/sample_quant.json")
 def main(
-    params: dict, model_dir: str, quant_dir: str, export_path: str | None, out: str | None, timings: str | None
+    params: dict,
+    model_dir: str,
+    quant_dir: str,
+    export_path: str | None,
+    out: str | None,
+    timings: str | None,
 ) -> None:
     def load(device, config):
         if export_path:

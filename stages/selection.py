@@ -1,5 +1,5 @@
 """Stage `select` (script named selection.py: `select` would shadow the standard library module): the
-calibration set, by TDAC (METHOD.md section 2) or a baseline.
+calibration set, by TDAC (docs/method.md §2) or a baseline.
 Inputs: artifacts/trajectories.zarr. Outputs: artifacts/calib.zarr, plots/tdac.csv.
 """
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-# Calibration sets: name -> the select stage's overrides (METHOD.md section 2).
+# Calibration sets: name -> the select stage's overrides (docs/method.md §2).
 CALIBRATIONS = {
     "uniform": {"select.method": "uniform"},  # Q-Diffusion's rule at the pipeline's size (1024)
     "ndtc": {"select.method": "ndtc"},

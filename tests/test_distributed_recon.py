@@ -38,8 +38,8 @@ from edadm.config import as_dict
 from edadm.distributed import launch, shutdown
 from edadm.quant.config import QuantConfig
 from edadm.quant.state import quant_state_dict
+from edadm.recon.api import run_reconstruction
 from edadm.recon.config import ReconConfig
-from edadm.recon.network import run_reconstruction
 
 ROOT = Path(__file__).resolve().parents[1]
 QUANT = QuantConfig(w_bits=4, a_bits=8)

@@ -26,7 +26,7 @@ from edadm.inspect import describe
 from edadm.quant.config import QuantConfig
 from edadm.quant.model import calibrate_activations, quant_layers, quantize_model, set_quant_state
 from edadm.quant.state import SCHEMA_VERSION, load_quant_model, save_quant_state
-from edadm.recon.network import run_reconstruction
+from edadm.recon.api import run_reconstruction
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from tiny_models import fake_and_integer_samples, tiny_attn_unet, tiny_calib
 
-from edadm.deploy import integer as integer_module
+from edadm.deploy import kernels as integer_kernels
 from edadm.deploy.integer import IntegerAttnProcessor, IntegerLayer, shifted_codes, to_integer
 from edadm.deploy.kernels import (
     FLOAT_EXACT_K,
@@ -53,7 +53,7 @@ def test_integer_model_matches_fake_quantization(backend: str, w_bits: int, a_bi
     # the issue's bound is 1% at W8A8; the same codes leave only float rounding (~1e-7)
     assert relative_error(integer, fake) < 1e-4
     assert report.backend == backend
-    # every layer but conv_out (input in float, METHOD.md 0) runs integer, split shortcuts included
+    # every layer but conv_out (input in float, docs/method.md §0) runs integer, split shortcuts included
     assert list(report.fake_layers) == ["conv_out"]
     # and both products of every attention
     attentions = [n for n, m in model.named_modules() if isinstance(m, Attention)]
@@ -170,8 +170,8 @@ def test_integer_attention_products_match_the_fake_ones(kernels: str, monkeypatc
     """Both products, exact integers (on the float32 GEMM, as 16 tokens take on CPU, or forced
     onto int8 kernels), against the fake processor's float products, several heads."""
     if kernels == "int8":
-        monkeypatch.setattr(integer_module, "FLOAT_EXACT_K_CENTERED", 0)
-        monkeypatch.setattr(integer_module, "FLOAT_EXACT_K", 0)
+        monkeypatch.setattr(integer_kernels, "FLOAT_EXACT_K_CENTERED", 0)
+        monkeypatch.setattr(integer_kernels, "FLOAT_EXACT_K", 0)
     model = calibrated(8, 8)
     attn = next(m for m in model.modules() if isinstance(m, Attention))
     fake = attn.processor

@@ -29,7 +29,7 @@ from edadm.diffusion.samples import SampleConfig, generate_samples, load_samples
 from edadm.diffusion.sampling import SamplerConfig
 from edadm.quant.config import QuantConfig
 from edadm.quant.state import load_quant_model
-from edadm.recon.network import run_reconstruction
+from edadm.recon.api import run_reconstruction
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 4

@@ -32,9 +32,10 @@ from edadm.quant.model import (
 )
 from edadm.quant.quantizer import UniformAffineQuantizer, dequantize, fake_quantize, quantize, search_range
 from edadm.quant.state import load_quant_model, quant_state_dict
+from edadm.recon.api import run_reconstruction
 from edadm.recon.config import ReconConfig
 from edadm.recon.losses import fbr_loss, lp_loss
-from edadm.recon.network import reconstruct, report_rows, run_reconstruction
+from edadm.recon.network import reconstruct, report_rows
 from edadm.recon.plan import Phase, plan_steps
 from edadm.recon.qdrop import QDrop
 

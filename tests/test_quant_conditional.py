@@ -34,15 +34,16 @@ from edadm.deploy.export import export_quantized, export_reconstruction, export_
 from edadm.deploy.integer import IntegerLayer, to_integer
 from edadm.deploy.kernels import onednn_available
 from edadm.inspect import describe
-from edadm.quant import timestep_groups
+from edadm.quant.timestep_groups import timestep_groups
 from edadm.quant.attention import QuantAttnProcessor
 from edadm.quant.config import QuantConfig
 from edadm.quant.layers import QuantLayer
 from edadm.quant.model import calibrate_activations, quant_info, quantize_model
 from edadm.quant.quantizer import UniformAffineQuantizer
 from edadm.quant.state import load_quant_model
+from edadm.recon.api import run_reconstruction
 from edadm.recon.caching import CaptureTarget, capture_units
-from edadm.recon.network import reconstruct, run_reconstruction
+from edadm.recon.network import reconstruct
 
 KINDS = ("text", "class")
 NULL_CLASS = 3  # tiny_class_unet's unconditional label (num_class_embeds - 1)
@@ -129,7 +130,7 @@ def test_layers_and_bits(kind: str) -> None:
         model = quantized(kind, calib, w_bits=4, a_bits=6)
     info = quant_info(model)
     assert info.unsupported == []
-    # METHOD.md 0: the first weight quantizer is the time embedding's, not conv_in; the last conv_out
+    # docs/method.md §0: the first weight quantizer is the time embedding's, not conv_in; the last conv_out
     order = info.layout.layer_order
     assert order[:3] == ("time_embedding.linear_1", "time_embedding.linear_2", "conv_in")
     assert order[-1] == "conv_out"

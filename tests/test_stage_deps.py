@@ -135,7 +135,12 @@ def test_inspect_and_cli_are_no_stage_dep():
 def test_the_import_reader_follows_function_level_and_relative_imports(tmp_path):
     script = ROOT / "stages" / "sample_quant.py"  # imports edadm.quant.state inside main()
     files = {f.relative_to(ROOT).as_posix() for f in library_files(script)}
-    assert {"edadm/__init__.py", "edadm/quant/__init__.py", "edadm/quant/state.py", "edadm/diffusion/samples.py"} <= files
+    assert {
+        "edadm/__init__.py",
+        "edadm/quant/__init__.py",
+        "edadm/quant/state.py",
+        "edadm/diffusion/samples.py",
+    } <= files
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from edadm.diffusion.trajectories import DumpConfig, dump_trajectories
 from edadm.metrics.step_error import noise_error_by_step
 from edadm.quant.config import QuantConfig
 from edadm.quant.state import load_quant_model
+from edadm.recon.api import run_reconstruction
 from edadm.recon.config import ReconConfig
-from edadm.recon.network import run_reconstruction
 
 LAYER = "mid_block.attentions.0"
 

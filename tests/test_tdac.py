@@ -1,4 +1,4 @@
-"""TDAC reference mode (METHOD.md section 2): scores, radius, allocation, assembly."""
+"""TDAC reference mode (docs/method.md §2): scores, radius, allocation, assembly."""
 
 from __future__ import annotations
 

@@ -19,12 +19,13 @@ from edadm.deploy.kernels import onednn_available
 from edadm.diffusion.samples import SampleConfig
 from edadm.diffusion.sampling import SamplerConfig, sampling_timesteps
 from edadm.errors import ParamError
-from edadm.quant import timestep_groups
+from edadm.quant.timestep_groups import timestep_groups
 from edadm.quant.config import QuantConfig
 from edadm.quant.model import act_quantizers, calibrate_activations, quantize_model
 from edadm.quant.state import load_quant_model, load_quant_state, quant_state_dict
 from edadm.quant.timestep_groups import BOUNDARIES_KEY, TimestepGroups
-from edadm.recon.network import reconstruct, run_reconstruction
+from edadm.recon.api import run_reconstruction
+from edadm.recon.network import reconstruct
 
 TIMESTEPS = [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]  # a 10-step sampler, noisiest first
 RATIO = 10.0  # group 0's inputs are RATIO times group 1's

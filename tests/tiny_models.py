@@ -31,7 +31,7 @@ def tiny_cond_unet(seed: int = 0, channels: int = 2) -> UNet2DConditionModel:
 
 
 def tiny_attn_unet(seed: int = 0, channels: int = 1, **config) -> UNet2DModel:
-    """Two resolutions, attention in the down and up path: every unit kind of METHOD.md 3, in seconds."""
+    """Two resolutions, attention in the down and up path: each unit kind of docs/method.md §3, fast."""
     torch.manual_seed(seed)
     return UNet2DModel(
         sample_size=8,

@@ -1,4 +1,4 @@
-"""Calibration-set selection: TDAC (EDA-DM, METHOD.md section 2), its knn extension, baselines.
+"""Calibration-set selection: TDAC (EDA-DM, docs/method.md §2), its knn extension, baselines.
 
 Entry point: ``choose_calibration(SelectConfig, ...) -> Selection`` (``selection``), which
 dispatches to ``tdac`` (``TDACConfig``, ``tdac_selection`` and its steps, the step scores in

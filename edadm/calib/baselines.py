@@ -1,4 +1,4 @@
-"""Calibration baselines EDA-DM compares against (METHOD.md section 2, "Baselines").
+"""Calibration baselines EDA-DM compares against (docs/method.md §2, "Baselines").
 
 - ``uniform``: Q-Diffusion's time-step-aware calibration: evenly spaced steps, the same
   first trajectories at each of them.

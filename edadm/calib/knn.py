@@ -1,6 +1,6 @@
 """TDAC ``mode: knn``: which trajectory at which step, not only how many per step (our extension).
 
-The reference TDAC (``edadm.calib.tdac``, METHOD.md section 2) decides how many samples each
+The reference TDAC (``edadm.calib.tdac``, docs/method.md §2) decides how many samples each
 step gets, then takes them from random trajectories. This mode keeps exactly those per-step
 counts (so the temporal alignment of EDA-DM is unchanged) and replaces the random choice of
 trajectories within a step by a density / diversity criterion on the candidates themselves.
@@ -60,7 +60,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -69,6 +68,7 @@ from tqdm.auto import tqdm
 from edadm.calib.step_scores import min_max_normalise
 from edadm.config import check_range
 from edadm.errors import ParamError
+from edadm.faiss_backend import faiss, gpu_available
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def _make_index(points: np.ndarray, exact_max: int, nprobe: int) -> Any:
         index.cp.niter = IVF_KMEANS_ITERATIONS
         index.cp.max_points_per_centroid = IVF_POINTS_PER_LIST
         index.nprobe = min(nprobe, nlist)
-    if faiss.get_num_gpus() > 0 and hasattr(faiss, "StandardGpuResources"):
+    if gpu_available():
         if _GPU_RESOURCES is None:
             _GPU_RESOURCES = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)

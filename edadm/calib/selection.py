@@ -1,6 +1,6 @@
 """Choosing the calibration set: the ``select`` params and one entry point for every method.
 
-``choose_calibration(config, ...)`` dispatches on ``select.method``: TDAC (EDA-DM, METHOD.md
+``choose_calibration(config, ...)`` dispatches on ``select.method``: TDAC (EDA-DM, docs/method.md
 section 2, in ``edadm.calib.tdac``) or one of the baselines (``edadm.calib.baselines``:
 uniform / Q-Diffusion, ndtc / PTQ4DM, random). It returns a ``Selection``: which trajectory at
 which step makes each calibration sample, plus per-step diagnostics for the ``select`` stage's

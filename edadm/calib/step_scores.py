@@ -1,4 +1,4 @@
-"""TDAC's scores of the sampling steps: steps 1 to 3 of ``edadm.calib.tdac`` (METHOD.md section 2).
+"""TDAC's scores of the sampling steps: steps 1 to 3 of ``edadm.calib.tdac`` (docs/method.md §2).
 
 1. Scores (``step_statistics``): all pairwise step MSEs ``mean((F_i - F_j)^2)`` and the
    diversities ``V_i = sum over j != i, b, h, w of [1 - cos_C(F_i[b,:,h,w], F_j[b,:,h,w])]``.
@@ -55,7 +55,7 @@ class StepStatistics:
 def step_statistics(
     features: Any, chunk_bytes: int = DEFAULT_CHUNK_BYTES, progress: bool = True
 ) -> StepStatistics:
-    """Step 1: pairwise step MSEs and raw diversities in one chunked pass (METHOD.md section 2).
+    """Step 1: pairwise step MSEs and raw diversities in one chunked pass (docs/method.md §2).
 
     Precision: the Gram matrix is accumulated in float64 (float16 and float32 products are exact there),
     so the MSEs match a direct float64 computation to ~1e-12 relative. The cosines are

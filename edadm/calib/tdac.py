@@ -1,4 +1,4 @@
-"""TDAC: Temporal Distribution Alignment Calibration (METHOD.md section 2).
+"""TDAC: Temporal Distribution Alignment Calibration (docs/method.md §2).
 
 EDA-DM decides how many calibration samples each sampling step gets from two scores of the
 step's feature map F_i (the input of the mid-block attention, ``[B, C, h, w]`` for the first
@@ -46,6 +46,7 @@ from edadm.calib.step_scores import (
     min_max_normalise,
     step_statistics,
 )
+from edadm.diffusion.hooks import DEFAULT_FEATURE_LAYER
 from edadm.errors import ParamError
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ MODES = ("reference", "knn")
 
 @dataclass(frozen=True)
 class TDACConfig:
-    """Knobs of ``select.tdac`` (METHOD.md section 2).
+    """Knobs of ``select.tdac`` (docs/method.md §2).
 
     Attributes:
         mode: ``reference`` reproduces the official code (per-step counts, random
@@ -79,7 +80,7 @@ class TDACConfig:
     radius: float | str = "auto"
     radius_quantile: float = DEFAULT_RADIUS_QUANTILE
     lam: float = field(default=1.2, metadata={"key": "lambda"})
-    feature_layer: str = "mid_block.attentions.0"
+    feature_layer: str = DEFAULT_FEATURE_LAYER
     knn: KNNConfig = field(default_factory=KNNConfig)
 
     def __post_init__(self) -> None:
@@ -126,7 +127,7 @@ class TDACResult:
 def tdac_selection(
     config: TDACConfig, size: int, n_trajectories: int, features: Any, rng: np.random.Generator
 ) -> TDACResult:
-    """The calibration set by TDAC (METHOD.md section 2), steps 1 to 6.
+    """The calibration set by TDAC (docs/method.md §2), steps 1 to 6.
 
     Args:
         config: the ``select.tdac`` params.

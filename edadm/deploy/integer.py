@@ -33,7 +33,7 @@ text features [B, L, D] like any Linear. A guided batch [uncond; cond] shares on
 hence one group.
 
 Left on the fake path, and listed in the report: layers whose input stays in float (the last
-layer, METHOD.md 0), weights whose codes do not fit int8 around their zero-point (asymmetric
+layer, docs/method.md §0), weights whose codes do not fit int8 around their zero-point (asymmetric
 weights, 8-bit one-sided channels), non-zero padding modes, attention whose q, k, v or softmax
 output stays in float.
 
@@ -349,7 +349,7 @@ def why_fake(layer: QuantLayer) -> str | None:
     if layer.weight_quantizer is None or not layer.use_weight_quant:
         return "weight in float"
     if layer.act_quantizer is None or not layer.use_act_quant:
-        return "input in float (METHOD.md 0: the last layer's input)"
+        return "input in float (docs/method.md §0: the last layer's input)"
     if layer.layer_type == "Conv2d" and layer.padding_mode != "zeros":
         return f"padding_mode {layer.padding_mode!r}"
     if not all(q.initialized for q in layer.act_quantizers()):

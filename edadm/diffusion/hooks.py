@@ -1,10 +1,31 @@
-"""Forward hooks that record a module's input: TDAC's feature map (METHOD.md section 2)."""
+"""Forward hooks that record a module's input: TDAC's feature map (docs/method.md §2)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
 from edadm.errors import ParamError
+
+FEATURE_LAYER_PARAM = "select.tdac.feature_layer"
+#: The UNet's mid-block attention: its input is the feature map of docs/method.md §2
+DEFAULT_FEATURE_LAYER = "mid_block.attentions.0"
+
+
+def feature_layer_param(params: Mapping[str, Any]) -> str:
+    """``select.tdac.feature_layer`` of the params, for the dump stage.
+
+    Read here rather than through ``SelectConfig``: the dump records the feature map and needs
+    only this key, so it does not depend on the selection code (``edadm.calib``).
+    """
+    select = params.get("select") or {}
+    tdac = (select.get("tdac") or {}) if isinstance(select, Mapping) else None
+    name = tdac.get("feature_layer", DEFAULT_FEATURE_LAYER) if isinstance(tdac, Mapping) else None
+    if not isinstance(name, str) or not name:
+        raise ParamError(f"param {FEATURE_LAYER_PARAM}={name!r} must name a module of the denoiser")
+    return name
 
 
 def find_module(model: torch.nn.Module, name: str, param: str) -> torch.nn.Module:
@@ -30,7 +51,7 @@ class InputRecorder:
     ``rec.last`` is the most recent input [B, C, h, w] (detached).
     """
 
-    def __init__(self, model: torch.nn.Module, name: str, param: str = "select.tdac.feature_layer"):
+    def __init__(self, model: torch.nn.Module, name: str, param: str = FEATURE_LAYER_PARAM):
         self.module = find_module(model, name, param)
         self.name = name
         self.last: torch.Tensor | None = None

@@ -8,7 +8,7 @@ Kinds (``ModelKind``): unconditional pixel; latent (a ``vae/`` or ``vqvae/`` fol
 LDMPipeline layout: x_t are latents and the float VAE decodes the samples); class-conditional
 (a UNet with ``num_class_embeds``, taking ``class_labels``); text-to-image (the
 StableDiffusionPipeline layout: a UNet2DConditionModel with ``text_encoder/`` and
-``tokenizer/``). Only the UNet is quantized (METHOD.md 0); the rest stays float. The model
+``tokenizer/``). Only the UNet is quantized (docs/method.md §0); the rest stays float. The model
 stage records the kind in ``edadm_model.json`` beside ``model_index.json``.
 """
 
@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +33,7 @@ from diffusers import (
     UNet2DModel,
     VQModel,
 )
+from diffusers.utils import logging as diffusers_logging
 
 from edadm.artifacts import atomic_output
 from edadm.diffusion.embedded import EmbeddedConfig
@@ -74,16 +75,48 @@ def load_unet(path: str | Path, param: str = "model.path") -> UNet2DModel | UNet
     return _load_component(unet_dir, UNET_CLASSES, f"{param}: ", "quantizes")
 
 
+def read_model_json(path: Path) -> Any:
+    """A JSON file of a model directory; ArtifactError naming the file when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(
+            f"{path} is not valid JSON ({err}); the model directory is damaged: save it again "
+            "(DiffusionPipeline.save_pretrained) or rerun the model stage (`dvc repro -f model`)"
+        ) from err
+
+
+def _from_pretrained(folder: Path, load: Callable[[Path], Any]) -> Any:
+    """``load(folder)``, with a missing or damaged weights file as an ArtifactError naming it.
+
+    diffusers' own warnings while it looks for a weights file are held back: the error says it.
+    """
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        return load(folder)
+    except (OSError, ValueError) as err:  # diffusers / transformers: no weights file, bad shapes
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ArtifactError(
+            f"{folder} could not be loaded ({first}); its weights are missing or damaged: save the "
+            "model again (DiffusionPipeline.save_pretrained) or rerun the model stage (`dvc repro -f model`)"
+        ) from err
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
 def _load_component(folder: Path, classes: Mapping[str, Any], prefix: str, role: str) -> torch.nn.Module:
     """The diffusers model in ``folder`` whose config names one of ``classes``."""
-    class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    config = read_model_json(folder / "config.json")
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
     if class_name not in classes:
         raise ArtifactError(
             f"{prefix}{folder / 'config.json'} describes a {class_name!r}; "
             f"edadm {role} {' and '.join(classes)}"
         )
     # low_cpu_mem_usage=False: the default path wants `accelerate`, which edadm does not need.
-    return classes[class_name].from_pretrained(folder, low_cpu_mem_usage=False).eval()
+    model_class = classes[class_name]
+    return _from_pretrained(folder, lambda d: model_class.from_pretrained(d, low_cpu_mem_usage=False).eval())
 
 
 def load_scheduler(path: str | Path) -> SchedulerMixin:
@@ -264,10 +297,11 @@ def load_diffusion_model(
     scheduler = load_scheduler(path)
     record_path = path / KIND_FILE
     if record_path.exists():
-        record = json.loads(record_path.read_text())
-        if record.get("schema") != KIND_SCHEMA:
+        record = read_model_json(record_path)
+        schema = record.get("schema") if isinstance(record, dict) else None
+        if schema != KIND_SCHEMA:
             raise ArtifactError(
-                f"{record_path} has schema {record.get('schema')}, not {KIND_SCHEMA}: rerun the model stage"
+                f"{record_path} has schema {schema}, not {KIND_SCHEMA}: rerun the model stage"
             )
         kind = ModelKind(**{f.name: record[f.name] for f in dataclasses.fields(ModelKind)})
     else:
@@ -296,7 +330,7 @@ def load_diffusion_model(
 def _listed_vae(path: Path) -> list[str]:
     """The VAE folders model_index.json names (StableDiffusion: vae; LDMPipeline: vqvae)."""
     index = path / "model_index.json"
-    return [f for f in VAE_FOLDERS if f in json.loads(index.read_text())] if index.exists() else []
+    return [f for f in VAE_FOLDERS if f in read_model_json(index)] if index.exists() else []
 
 
 def _load_part(path: Path, folder: str, param: str, load: Any) -> Any:
@@ -306,7 +340,7 @@ def _load_part(path: Path, folder: str, param: str, load: Any) -> Any:
             f"{param}={str(path)!r}: this model's UNet needs a {folder}/ folder, which the directory lacks; "
             "save the whole pipeline (DiffusionPipeline.save_pretrained) there"
         )
-    return load(part_dir)
+    return _from_pretrained(part_dir, load)
 
 
 def _load_vae(vae_dir: Path) -> torch.nn.Module:

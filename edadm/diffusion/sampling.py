@@ -2,7 +2,7 @@
 
 ``sample`` runs the reverse process from given initial noise; an ``on_step`` callback sees
 every step's model input x_t and timestep, which is what the trajectory dump stores and what
-calibration samples are drawn from (METHOD.md section 1).
+calibration samples are drawn from (docs/method.md §1).
 """
 
 from __future__ import annotations

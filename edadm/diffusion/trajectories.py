@@ -1,4 +1,4 @@
-"""The trajectory dump (METHOD.md section 1): FP sampling paths stored as a Zarr v3 group.
+"""The trajectory dump (docs/method.md §1): FP sampling paths stored as a Zarr v3 group.
 
 Layout of ``trajectories.zarr``:
   x         [T, N, C, H, W]  the model input at every step (``dump.dtype``)

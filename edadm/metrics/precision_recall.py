@@ -19,21 +19,18 @@ from __future__ import annotations
 
 import logging
 
-import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
+from edadm.faiss_backend import faiss, gpu_available
+
 logger = logging.getLogger(__name__)
-
-
-def _gpu_available() -> bool:
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def _flat_index(vectors: np.ndarray, inner_product: bool) -> faiss.Index:
     """An exact (flat) index over ``vectors: [N, D]`` float32, moved to the GPUs when faiss has them."""
     index = faiss.IndexFlatIP(vectors.shape[1]) if inner_product else faiss.IndexFlatL2(vectors.shape[1])
-    if _gpu_available():
+    if gpu_available():
         index = faiss.index_cpu_to_all_gpus(index)
     index.add(vectors)
     return index

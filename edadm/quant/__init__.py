@@ -1,4 +1,4 @@
-"""The quantized model (METHOD.md section 0): what a float denoiser becomes under PTQ.
+"""The quantized model (docs/method.md §0): what a float denoiser becomes under PTQ.
 
 One concept a module: ``quantizer`` (grid arithmetic, ``UniformAffineQuantizer``),
 ``adaround`` (learned rounding), ``layers`` (``QuantLayer``), ``attention``

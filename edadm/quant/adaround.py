@@ -1,4 +1,4 @@
-"""AdaRound: learned up / down rounding of the weights (Nagel et al. 2020), METHOD.md section 3.
+"""AdaRound: learned up / down rounding of the weights (Nagel et al. 2020), docs/method.md §3.
 
 Each weight element rounds to floor(W / scale) + h(alpha) with the rectified sigmoid
 h(alpha) = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1), zeta = 1.1, gamma = -0.1.

@@ -1,6 +1,6 @@
 """QuantAttnProcessor: a diffusers attention processor that quantizes q, k, v and the softmax output.
 
-METHOD.md 0: in attention, q, k and v are quantized at the activation bit-width
+docs/method.md §0: in attention, q, k and v are quantized at the activation bit-width
 (``quant.qkv_bits`` overrides it), the softmax output at 8 bit (``quant.attn_bits``), and the
 QK^T and softmax * V products run on the fake-quantized operands. The projections (to_q, to_k,
 to_v, to_out.0) are QuantLayers, so their inputs are quantized there. The processor is set on

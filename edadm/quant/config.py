@@ -1,7 +1,7 @@
 """Params of quantization (params.yaml ``quant``); reconstruction's are ``edadm.recon.config``.
 
 Every default equals params.yaml's value. Where a default differs from the official EDA-DM
-code (METHOD.md sections 0 and 3), params.yaml writes the official value beside it and the
+code (docs/method.md §0 and §3), params.yaml writes the official value beside it and the
 README's "Differences from the official code" gives the measured effect: ``recon.iters``
 (5000 official; ours sized for 2 CPU cores), ``recon.round_reg`` (off officially),
 ``quant.split_conv1`` (off officially), ``quant.act_search_elements`` (0, every element,
@@ -25,7 +25,7 @@ def is_float_bits(bits: int) -> bool:
 
 
 def check_bits(name: str, bits: int) -> None:
-    """Bit-widths are 2..8 (the unsigned integer grid of METHOD.md section 0) or 16 / 32 (float)."""
+    """Bit-widths are 2..8 (the unsigned integer grid of docs/method.md §0) or 16 / 32 (float)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not (2 <= bits <= 8 or bits in FLOAT_BITS):
         raise ParamError(
             f"param {name}={bits!r} is not a supported bit-width: use 2 to 8 (integer grid) "
@@ -40,9 +40,9 @@ class QuantConfig:
     w_bits: int = 4  # weights, per output channel; W4A8, the paper's hard setting (8: W8A8)
     a_bits: int = 8  # activations at the input of every Conv2d / Linear, per tensor
     attn_bits: int = 8  # attention softmax output, [0, tau] (only when a_bits quantizes)
-    # attention q, k, v; None: the activation bits, as the official code (METHOD.md 0)
+    # attention q, k, v; None: the activation bits, as the official code (docs/method.md §0)
     qkv_bits: int | None = None
-    first_last_bits: int = 8  # METHOD.md 0: first and last weight quantizers kept at 8 bit
+    first_last_bits: int = 8  # docs/method.md §0: first and last weight quantizers kept at 8 bit
     symmetric: bool = True  # ranges [-tau, tau] ([0, tau] for non-negative tensors)
     split_shortcut: bool = True  # Q-Diffusion: separate quantizers for the shortcut's concat halves
     # Ours: split the up path's conv1 too (its input is GroupNorm(SiLU) of the same concat).
@@ -52,7 +52,7 @@ class QuantConfig:
     # largest |x| eighth always in). 0 = all, as the reference (exact, ~30x slower on CPU).
     act_search_elements: int = 65536
     # Ours: G activation ranges per quantizer, one per group of consecutive sampling steps
-    # (edadm.quant.timestep_groups). Official: 1, one set for all timesteps (METHOD.md 0).
+    # (edadm.quant.timestep_groups). Official: 1, one set for all timesteps (docs/method.md §0).
     act_timestep_groups: int = 1
 
     def __post_init__(self) -> None:

@@ -122,7 +122,7 @@ class QuantLayer(nn.Module):
 
     @torch.no_grad()
     def init_weight_range(self) -> None:
-        """Search the per-channel ranges (METHOD.md 0) and round to nearest into ``weight_int``."""
+        """Search the per-channel ranges (docs/method.md §0) and round to nearest into ``weight_int``."""
         if self.weight_quantizer is None:
             return
         weight = self.weight.detach().float()

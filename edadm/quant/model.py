@@ -1,6 +1,6 @@
 """Quantized model: wrap a diffusers UNet's layers in place (``quantize_model``) and switch them.
 
-What gets quantized (METHOD.md 0):
+What gets quantized (docs/method.md §0):
 - every nn.Conv2d and nn.Linear becomes a QuantLayer: weights per output channel at
   ``quant.w_bits``, input per tensor at ``quant.a_bits``;
 - the first and the last weight quantizers in execution order (the time-embedding linear_1
@@ -244,7 +244,7 @@ def act_quantizers(model: nn.Module) -> list[UniformAffineQuantizer]:
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> None:
-    """Initialise every activation range batch by batch (search + EMA, METHOD.md 0).
+    """Initialise every activation range batch by batch (search + EMA, docs/method.md §0).
 
     ``batches`` yields forward keyword arguments already on the model's device. Weights are
     quantized during the pass (as in the official code), so each quantizer sees the input the

@@ -1,4 +1,4 @@
-"""Uniform affine quantization (METHOD.md section 0): pure arithmetic plus one module.
+"""Uniform affine quantization (docs/method.md §0): pure arithmetic plus one module.
 
 The grid is the unsigned integers [0, 2^b - 1] with a zero-point:
 
@@ -38,9 +38,9 @@ class ElementMixer(Protocol):
     def mix(self, x_float: torch.Tensor, x_quant: torch.Tensor) -> torch.Tensor: ...
 
 
-SEARCH_CANDIDATES = 100  # METHOD.md 0: tau = (i / 100) * max|x|, i = 1..100
-SEARCH_P = 2.4  # METHOD.md 0: L_p error with p = 2.4
-EMA_MOMENTUM = 0.9  # METHOD.md 0: running = 0.9 * running + 0.1 * new
+SEARCH_CANDIDATES = 100  # docs/method.md §0: tau = (i / 100) * max|x|, i = 1..100
+SEARCH_P = 2.4  # docs/method.md §0: L_p error with p = 2.4
+EMA_MOMENTUM = 0.9  # docs/method.md §0: running = 0.9 * running + 0.1 * new
 SCALE_EPS = 1e-8
 _SEARCH_BUDGET = 1 << 24  # elements per candidate chunk (x 4 bytes, a few temporaries)
 
@@ -235,7 +235,7 @@ class UniformAffineQuantizer(nn.Module):
 
     Weights: ``channels`` = output channels (axis 0); ranges from ``init_range(weight)``.
     Activations: per tensor; ranges initialised batch by batch with ``calibrating = True``
-    (search on each batch, exponential moving average of min / max, METHOD.md 0), then the
+    (search on each batch, exponential moving average of min / max, docs/method.md §0), then the
     step size ``scale`` may be learned (a Parameter; straight-through rounding, LSQ-style)
     while the zero-point stays fixed. ``qdrop`` (set only while a unit is reconstructed, see
     ``edadm.recon.qdrop``) mixes the float input back into the output element-wise.
@@ -319,7 +319,7 @@ class UniformAffineQuantizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor, groups: torch.Tensor | None = None) -> None:
-        """Search this batch's range and fold it into the running range (EMA, METHOD.md 0).
+        """Search this batch's range and fold it into the running range (EMA, docs/method.md §0).
 
         ``groups`` [B]: the timestep group of each sample (dim 0 of ``x``); each group's range
         is searched on its own samples and folded into its own running range.

@@ -1,6 +1,6 @@
 """Activation ranges per group of sampling steps (``quant.act_timestep_groups``; ours).
 
-The official code keeps one set of activation ranges for all timesteps (METHOD.md 0). With
+The official code keeps one set of activation ranges for all timesteps (docs/method.md §0). With
 G > 1 groups, every activation quantizer keeps G (scale, zero_point) pairs, one per group of
 consecutive sampling steps; weights are unaffected.
 

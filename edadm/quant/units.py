@@ -1,6 +1,6 @@
 """Block discovery for diffusers UNets: the reconstruction units in network (execution) order.
 
-METHOD.md 3: every ResNet block and every attention / transformer block is a block; the
+docs/method.md §3: every ResNet block and every attention / transformer block is a block; the
 standalone layers (time-embedding linears, conv_in, down / up-sampler convs, proj_in /
 proj_out of transformers, conv_out) are single-layer units. Blocks are:
 - ``ResnetBlock2D`` (and ``ResnetBlockCondNorm2D``),

@@ -1,4 +1,4 @@
-"""Reconstruction of a quantized model (METHOD.md section 3): FBR (EDA-DM), BRECQ, layer-wise.
+"""Reconstruction of a quantized model (docs/method.md §3): FBR (EDA-DM), BRECQ, layer-wise.
 
 One concept a module: ``config`` (``ReconConfig``), ``plan`` (``Phase``, the steps of a
 method), ``losses`` (lp, FBR's L_b + gamma * L_m), ``qdrop`` (QDrop), ``caching`` (a unit's

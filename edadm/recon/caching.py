@@ -1,4 +1,4 @@
-"""Capturing and caching the inputs and outputs of reconstruction units (METHOD.md 3).
+"""Capturing and caching the inputs and outputs of reconstruction units (docs/method.md §3).
 
 A unit (a block, or a single layer) learns on its cached inputs and float targets. The caches
 are filled from the calibration set by passes in batches of ``recon.cache_batch_size``, each

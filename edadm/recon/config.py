@@ -80,7 +80,7 @@ class ReconConfig:
         check_range("recon.eval_samples", self.eval_samples, 1)
 
     def learning_rates(self, w_bits: int) -> tuple[float, float]:
-        """``(lr_w, lr_a)``, resolving ``auto`` by weight bits (METHOD.md 3, CIFAR column)."""
+        """``(lr_w, lr_a)``, resolving ``auto`` by weight bits (docs/method.md §3, CIFAR column)."""
         low_bits = not is_float_bits(w_bits) and w_bits <= 4
         lr_w = (5e-1 if low_bits else 5e-2) if self.lr_w == "auto" else float(self.lr_w)
         lr_a = (5e-4 if low_bits else 1e-3) if self.lr_a == "auto" else float(self.lr_a)

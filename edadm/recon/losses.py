@@ -1,4 +1,4 @@
-"""Reconstruction losses (METHOD.md 3): the lp distance and FBR's L = L_b + gamma * L_m."""
+"""Reconstruction losses (docs/method.md §3): the lp distance and FBR's L = L_b + gamma * L_m."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def channel_dim(x: torch.Tensor) -> int:
 
 
 def lp_loss(pred: torch.Tensor, target: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """lp(pred, t) = |pred - t|^p summed over channels, averaged over the rest (METHOD.md 3).
+    """lp(pred, t) = |pred - t|^p summed over channels, averaged over the rest (docs/method.md §3).
 
     p = 2 everywhere but Q-Diffusion's activation pass (2.4, ``recon.brecq_optimizer``).
 
@@ -33,7 +33,7 @@ def fbr_loss(
     layer_outs_fp: Sequence[torch.Tensor],
     gamma: float,
 ) -> torch.Tensor:
-    """FBR loss L = L_b + gamma * L_m (METHOD.md 3).
+    """FBR loss L = L_b + gamma * L_m (docs/method.md §3).
 
     L_b = lp(B_q(x~), B_fp(x)); L_m = sum over the block's quantized layers except the last,
     in module order, of lp(O_l^q(x~), O_l^fp(x)). ``layer_outs_*`` hold every quantized layer's

@@ -1,4 +1,4 @@
-"""Reconstruction of the quantized network, unit by unit in network order (METHOD.md section 3).
+"""Reconstruction of the quantized network, unit by unit in network order (docs/method.md §3).
 
 Methods (``recon.method``):
 - ``fbr`` (EDA-DM): blocks with L = L_b + gamma * L_m, single layers with their output loss;
@@ -41,29 +41,21 @@ order), so neither the run key nor the artifacts record it; a run resumes on any
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from edadm.artifacts import atomic_output, write_json
 from edadm.calib.calibration_set import CalibrationSet
-from edadm.config import as_dict
-from edadm.diffusion.loading import model_hash
 from edadm.distributed import Dist
-from edadm.quant.config import QuantConfig
-from edadm.quant.model import calibrate_activations, quant_info, quantize_model, set_quant_state
-from edadm.quant.state import SCHEMA_VERSION, load_quant_state, quant_state_dict, save_quant_state
-from edadm.quant.timestep_groups import sampler_timesteps
-from edadm.recon.artifact import CheckpointStore, build_manifest, calibration_hash
+from edadm.quant.model import calibrate_activations, quant_info, set_quant_state
+from edadm.quant.state import load_quant_state, quant_state_dict
+from edadm.recon.artifact import CheckpointStore
 from edadm.recon.caching import CaptureTarget, FloatCaches, UnitCache, capture_units
 from edadm.recon.config import ReconConfig
 from edadm.recon.data_parallel import check_world
@@ -175,7 +167,7 @@ def reconstruct(
 def _calibrate_step(
     model: nn.Module, calib: CalibrationSet, config: ReconConfig, device: torch.device, dist: Dist
 ) -> dict[str, torch.Tensor]:
-    """Initialise every activation range (METHOD.md 0); returns them (the step's checkpoint).
+    """Initialise every activation range (docs/method.md §0); returns them (the step's checkpoint).
 
     Not data-parallel: each batch's range search needs all of its activations and the EMA chains
     the batches (``edadm.recon.data_parallel``), so rank 0 runs it and broadcasts the ranges.
@@ -300,92 +292,3 @@ def report_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 # Entry point with artifacts
 # ---------------------------------------------------------------------------------------------
-def run_key(
-    unet_hash: str,
-    calib_hash: str,
-    quant_config: QuantConfig,
-    recon_config: ReconConfig,
-    timesteps: Sequence[float] | None = None,
-) -> str:
-    """Checkpoint key: changes with any config value, the calibration data or the model weights
-    (and the sampler's timesteps, when they define timestep groups)."""
-    key = (
-        SCHEMA_VERSION,
-        CHECKPOINT_FORMAT,
-        sorted(as_dict(quant_config).items()),
-        sorted(as_dict(recon_config).items()),
-    )
-    text = repr(key if timesteps is None else (*key, [float(t) for t in timesteps]))
-    return hashlib.sha256(f"{text}|{unet_hash}|{calib_hash}".encode()).hexdigest()[:20]
-
-
-def run_reconstruction(
-    unet: nn.Module,
-    calib: CalibrationSet,
-    quant_config: QuantConfig,
-    recon_config: ReconConfig,
-    out_dir: str | Path,
-    work_dir: str | Path,
-    device: torch.device | str,
-    *,
-    callback: StepCallback | None = None,
-    timesteps: Sequence[float] | None = None,
-    dist: Dist | None = None,
-) -> ReconResult:
-    """Quantize ``unet`` in place, reconstruct it, write ``out_dir``; return report and timings.
-
-    ``out_dir`` (written atomically once every step is done): ``state.safetensors`` (integer
-    weights, scales, zero-points, bits, activation steps), ``manifest.json`` (configs, units,
-    layers, bit-widths, hashes, schema version), ``report.json`` (per unit: losses before /
-    after, per-layer losses, iterations; totals). No timings, dates or paths: the same
-    inputs give the same bytes, resumed or not. ``work_dir`` holds the per-step checkpoints
-    of an unfinished run (a rerun with the same configs, data and model resumes from them)
-    and is removed at the end. On return ``unet`` is the final fake-quant model. The
-    timings (``ReconResult.timings``) add ``seconds``, the wall time of this call.
-    ``timesteps``: the sampler's, in step order, for ``quant.act_timestep_groups`` > 1 (default:
-    those of the dump the calibration set was drawn from, ``calib.attrs``).
-    ``dist``: this rank of a data-parallel run (None: one process). Every rank returns the same
-    report and model; rank 0 writes ``out_dir`` and the checkpoints, and all return once it is
-    written. ``work_dir`` must be one directory for all ranks (one node, or a shared file system).
-    """
-    if not isinstance(calib, CalibrationSet):
-        kind = type(calib).__name__
-        raise TypeError(f"calib must be a CalibrationSet (edadm.calib.calibration_set), got {kind}")
-    start = time.perf_counter()
-    dist = dist or Dist()
-    device = torch.device(device)
-    out_dir, work_dir = Path(out_dir), Path(work_dir)
-    weights_hash = model_hash(unet)
-    data_hash = calibration_hash(calib)
-    grouped = quant_config.act_timestep_groups > 1
-    if grouped and timesteps is None:
-        timesteps = sampler_timesteps(calib)
-    key = run_key(weights_hash, data_hash, quant_config, recon_config, timesteps if grouped else None)
-    store = CheckpointStore(work_dir, key)
-    logger.info("reconstruction %s (method %s), checkpoints in %s", key, recon_config.method, store.path)
-
-    # reconstruction runs in float32, as the official code (AdaRound and the steps learn in it)
-    if unet.dtype != torch.float32:
-        unet.to(dtype=torch.float32)
-    unet.to(device).eval()
-    model = quantize_model(
-        unet,
-        quant_config,
-        example_inputs=calib.model_inputs(slice(0, 1), device),
-        inplace=True,
-        timesteps=timesteps,
-    )
-    result = reconstruct(model, calib, recon_config, device, store=store, callback=callback, dist=dist)
-    report = {**result.report, "run_key": key}
-
-    if dist.is_main:
-        manifest = build_manifest(model, recon_config, weights_hash, data_hash, key)
-        with atomic_output(out_dir) as tmp:
-            tmp.mkdir(parents=True)
-            save_quant_state(model, tmp / "state.safetensors")
-            write_json(tmp / "manifest.json", manifest)
-            write_json(tmp / "report.json", report)
-        shutil.rmtree(work_dir, ignore_errors=True)
-    dist.barrier()  # the artifacts exist when any rank returns
-    timings = {"seconds": round(time.perf_counter() - start, 3), **result.timings}
-    return ReconResult(report, timings)

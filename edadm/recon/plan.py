@@ -1,4 +1,4 @@
-"""The plan of a reconstruction: what each checkpointed step learns (METHOD.md section 3).
+"""The plan of a reconstruction: what each checkpointed step learns (docs/method.md §3).
 
 A ``Phase`` says what a unit's step learns; its named constructors are the methods' phases:
 ``Phase.fbr`` (EDA-DM), ``Phase.layer`` (layer-wise), ``Phase.brecq_weights`` /

@@ -1,4 +1,4 @@
-"""QDrop (Wei et al. 2022), as the EDA-DM official code uses it while reconstructing (METHOD.md 3).
+"""QDrop (Wei et al. 2022), as the EDA-DM official code uses it while reconstructing (docs/method.md §3).
 
 Element-wise, with probability ``prob``, a quantized tensor is replaced by its float value:
 x~ = where(rand < prob, x_float, x_quantized). It is applied in two places, both through

@@ -1,4 +1,4 @@
-"""Reconstruction of one unit (a block, or a single layer) on its cache (METHOD.md 3).
+"""Reconstruction of one unit (a block, or a single layer) on its cache (docs/method.md §3).
 
 ``reconstruct_unit`` learns what its ``Phase`` (``edadm.recon.plan``) says, ``evaluate_unit``
 measures the losses the report holds.
