@@ -100,14 +100,6 @@ class Dist:
             torch_dist.gather_object(value, gathered, dst=0)
         return gathered
 
-    def all_reduce_mean(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Average ``tensors`` in place over the ranks (gradients of data-parallel reconstruction)."""
-        if not self.active:
-            return
-        for tensor in tensors:
-            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
-            tensor.div_(self.world_size)
-
 
 def launch(params: Mapping[str, Any], device: torch.device | None = None) -> Dist:
     """Relaunch under torchrun when ``dist.nproc_per_node`` > 1, else join torchrun's group if this

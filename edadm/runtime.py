@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from edadm.config import load_section
@@ -72,14 +70,6 @@ def load_device(params: Mapping[str, Any]) -> torch.device:
     if value is not None and not isinstance(value, Mapping):  # the old spelling `device: cpu`
         raise ParamError(f"param {SECTION}={value!r} must be a section: write `{SECTION}: {{name: {value}}}`")
     return resolve_device(load_section(DeviceConfig, SECTION, params).name)
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed python, numpy and torch; return a CPU generator seeded the same for explicit use."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def configure_logging(level: int = logging.INFO) -> None:

@@ -32,7 +32,7 @@ CALIBRATIONS = {
     "tdac-official": {"select.method": "tdac", "select.tdac.radius": "3.0"},
     "uniform-official": {"select.method": "uniform", "select.uniform.per_step": "256"},
 }
-# Every knob of the quantizer and of FBR at its official value (README "Differences from the
+# Every knob of the quantizer and of FBR at its official value (docs/paper.md "Differences from the
 # official code"); the sampler's quadratic spacing is left out: it changes the trajectories and
 # the FP samples every row shares, so it is measured apart on the main pipeline.
 EDA_DM_OFFICIAL = {
@@ -78,7 +78,7 @@ SEEDED_BITS = [(8, 8), (4, 6), (4, 4)]
 SEEDED_METHODS = ["eda-dm", "tdac-only", "eda-dm-official", "eda-dm-groups4", "ptq4dm"]
 FP_SEEDS = [0, 1, 2]  # the FP row's Frechet-distance noise floor
 # Tuning at W4A8 (seed 0): name -> (base method, reconstruct stage overrides), one knob changed
-# from params.yaml each. Why each was tried: README "What the figures say". (The first round's
+# from params.yaml each. Why each was tried: docs/paper.md. (The first round's
 # `-noreg-*` rows, each knob with the rounding regulariser off, are in results/embedded-round1.md.)
 TUNING = {
     "eda-dm-noreg": ("eda-dm", {"recon.round_reg": "false"}),
@@ -95,7 +95,7 @@ TUNING = {
     # activation ranges searched once on the whole calibration set instead of an EMA over batches
     "naive-initall": ("naive", {"recon.init_batch_size": "1024"}),
     "eda-dm-initall": ("eda-dm", {"recon.init_batch_size": "1024"}),
-    # the official differences one at a time (README "Differences from the official code")
+    # the official differences one at a time (docs/paper.md)
     "eda-dm-splitshortcut": ("eda-dm", {"quant.split_conv1": "false"}),
     "eda-dm-exactsearch": ("eda-dm", {"quant.act_search_elements": "0"}),
     # the paper's iteration count: about an hour a row on 2 CPU cores, so last in the order
@@ -405,7 +405,7 @@ def class_stages() -> dict:
                 scale="${item.g}-",
                 fp_sets="--set condition.guidance_scale=${item} --set sample.seed=0 ",
                 # the FP samples' seed too (0), so that the paired figures compare image k with image k;
-                # integer sampling: the fake-quant codes (README "Integer inference"), ~1.7x faster on CPU
+                # integer sampling: the fake-quant codes (docs/integer.md), ~1.7x faster on CPU
                 quant_sets="--set condition.guidance_scale=${item.guidance} --set sample.seed=0 "
                 "--set sample.mode=int ",
                 runs=runs,

@@ -4,10 +4,11 @@ It exists so that a fresh clone runs end to end with no download. Its architectu
 EDA-DM needs: ResNet blocks, attention at the middle resolution (8x8) and a mid-block
 attention at 4x4 whose input TDAC hooks (features [B, 64, 4, 4]).
 
-A converged model takes thousands of steps (half an hour on 2 cores), so the package ships its
-weights (``weights/embedded_digits.safetensors``, float16, with a JSON of its sha256 and
-recipe; ``bench/ship_embedded.py`` writes them): ``load_embedded_weights`` loads them and
-``train_embedded`` trains the recipe from scratch (``model.source: train``).
+A converged model takes thousands of steps (the shipped 8000-step run: 64 min on 2 cores),
+so the package ships its weights (``weights/embedded_digits.safetensors``, float16, with a
+JSON of its sha256 and recipe; ``bench/ship_embedded.py`` writes them):
+``load_embedded_weights`` loads them and ``train_embedded`` trains the recipe from scratch
+(``model.source: train``).
 
 ``conditioning: class`` is the class-conditional variant for classifier-free guidance (Ho &
 Salimans 2022): the same UNet with a class embedding of ``NUM_CLASSES + 1`` rows, the digits
@@ -55,7 +56,7 @@ NULL_LABEL = NUM_CLASSES
 class EmbeddedConfig:
     """Training knobs of the embedded default (params.yaml ``model.embedded``)."""
 
-    train_steps: int = 8000  # the shipped weights' run (README: training curve)
+    train_steps: int = 8000  # the shipped weights' run (training curve: docs/embedded-models.md)
     batch_size: int = 128
     lr: float = 1e-3
     warmup_steps: int = 100

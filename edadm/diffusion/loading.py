@@ -26,7 +26,6 @@ from typing import Any, Literal
 import torch
 from diffusers import (
     AutoencoderKL,
-    DDIMScheduler,
     DDPMScheduler,
     SchedulerMixin,
     UNet2DConditionModel,
@@ -183,11 +182,6 @@ def model_hash(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         update_digest(digest, name, tensor)
     return digest.hexdigest()
-
-
-def ddim_from(scheduler: SchedulerMixin) -> DDIMScheduler:
-    """A DDIM sampler sharing the model's training noise schedule."""
-    return DDIMScheduler.from_config(scheduler.config)
 
 
 @dataclass(frozen=True)

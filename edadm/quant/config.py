@@ -1,12 +1,10 @@
 """Params of quantization (params.yaml ``quant``); reconstruction's are ``edadm.recon.config``.
 
 Every default equals params.yaml's value. Where a default differs from the official EDA-DM
-code (docs/method.md §0 and §3), params.yaml writes the official value beside it and the
-README's "Differences from the official code" gives the measured effect: ``recon.iters``
-(5000 official; ours sized for 2 CPU cores), ``recon.round_reg`` (off officially),
-``quant.split_conv1`` (off officially), ``quant.act_search_elements`` (0, every element,
-officially) and ``recon.brecq_optimizer`` (the baseline's optimisers; Q-Diffusion's own are
-``qdiffusion``).
+code (docs/method.md §0 and §3), params.yaml writes the official value beside it and
+docs/paper.md gives the measured effect. Here: ``quant.split_conv1`` (off officially) and
+``quant.act_search_elements`` (0, every element, officially); the ``recon`` ones are listed in
+``edadm.recon.config``.
 """
 
 from __future__ import annotations

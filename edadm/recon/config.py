@@ -1,7 +1,10 @@
 """Params of reconstruction (params.yaml ``recon``).
 
 Every default equals params.yaml's value; where it differs from the official EDA-DM code
-params.yaml writes the official value beside it and docs/paper.md gives the measured effect.
+params.yaml writes the official value beside it and docs/paper.md gives the measured effect:
+``recon.iters`` (5000 official; ours sized for 2 CPU cores), ``recon.round_reg`` (off
+officially) and ``recon.brecq_optimizer`` (the baseline's optimisers; Q-Diffusion's own are
+``qdiffusion``).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ class ReconConfig:
 
     method: Literal["fbr", "brecq", "layer", "none"] = "fbr"
     # Iterations per unit. 5000 in the paper (CIFAR). 300 reconstructs the embedded default
-    # (23 units, 1024 calibration samples, W4A8) in 190 s on 2 idle CPU cores (bench/recon.py):
-    # margin for the 10-minute budget on a busy machine, where an iteration costs 2-5x more.
+    # (23 units, 1024 calibration samples, W4A8) in about 3 minutes on 2 CPU cores (the
+    # reconstruct stage of a fresh-clone `dvc repro`: 2 min 43 s on a 2-core Xeon; bench/recon.py
+    # times it apart), leaving margin on a busy machine, where an iteration costs 2-5x more.
     iters: int = 300
     batch_size: int = 32
     gamma: float = 0.8  # FBR weight of the layer terms L_m ("add_loss"; 1.0 for LSUN)
