@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from edadm.errors import ParamError
-from edadm.metrics.precision_recall import precision_recall
 from edadm.metrics.frechet import feature_stats, frechet_distance
 from edadm.metrics.inception import FIDInceptionV3, load_fid_inception
+from edadm.metrics.precision_recall import precision_recall
 from edadm.metrics.scores import inception_score, paired_agreement
 
 

@@ -34,13 +34,13 @@ from edadm.deploy.export import export_quantized, export_reconstruction, export_
 from edadm.deploy.integer import IntegerLayer, to_integer
 from edadm.deploy.kernels import onednn_available
 from edadm.inspect import describe
-from edadm.quant.timestep_groups import timestep_groups
 from edadm.quant.attention import QuantAttnProcessor
 from edadm.quant.config import QuantConfig
 from edadm.quant.layers import QuantLayer
 from edadm.quant.model import calibrate_activations, quant_info, quantize_model
 from edadm.quant.quantizer import UniformAffineQuantizer
 from edadm.quant.state import load_quant_model
+from edadm.quant.timestep_groups import timestep_groups
 from edadm.recon.api import run_reconstruction
 from edadm.recon.caching import CaptureTarget, capture_units
 from edadm.recon.network import reconstruct

@@ -19,11 +19,10 @@ from edadm.deploy.kernels import onednn_available
 from edadm.diffusion.samples import SampleConfig
 from edadm.diffusion.sampling import SamplerConfig, sampling_timesteps
 from edadm.errors import ParamError
-from edadm.quant.timestep_groups import timestep_groups
 from edadm.quant.config import QuantConfig
 from edadm.quant.model import act_quantizers, calibrate_activations, quantize_model
 from edadm.quant.state import load_quant_model, load_quant_state, quant_state_dict
-from edadm.quant.timestep_groups import BOUNDARIES_KEY, TimestepGroups
+from edadm.quant.timestep_groups import BOUNDARIES_KEY, TimestepGroups, timestep_groups
 from edadm.recon.api import run_reconstruction
 from edadm.recon.network import reconstruct
 
