@@ -241,26 +241,36 @@ def _describe_quant(path: Path) -> list[str]:
     lines += _describe_groups(manifest.get("timestep_groups"))
     if manifest.get("unsupported"):
         lines.append(f"  left in float (unsupported): {', '.join(manifest['unsupported'])}")
-    report = {}
+    steps = []
     if (path / "report.json").exists():
-        report = {
-            e["unit"]: e
-            for e in json.loads((path / "report.json").read_text()).get("steps", [])
-            if e.get("phase") != "calibrate"
-        }
-    lines.append(f"  {'unit':<34} {'kind':<6} {'loss before':>12} {'after':>10}  layers (bits)")
+        steps = [e for e in json.loads((path / "report.json").read_text()).get("steps", []) if "unit" in e]
+    report = {e["unit"]: e for e in steps}  # brecq: the activation pass, the last
+    rounding = {e["unit"]: e["rounding"] for e in steps if "rounding" in e}  # where rounding learned
+    lines.append(
+        f"  {'unit':<34} {'kind':<6} {'loss before':>12} {'after':>10} {'soft':>10} {'undecided':>9}  "
+        "layers (bits)"
+    )
     for unit in manifest["units"]:
         entry = report.get(unit["name"], {})
         before, after = entry.get("loss_before"), entry.get("loss_after")
         losses = (
             f"{before:>12.4g} {after:>10.4g}" if before is not None and after is not None else f"{'':>23}"
         )
+        # AdaRound when learning ended: the loss with the soft rounding, the share still undecided
+        soft = rounding.get(unit["name"])
+        losses += f" {soft['loss_soft']:>10.4g} {soft['undecided_share']:>9.1%}" if soft else f"{'':>21}"
         layers = ", ".join(
             f"{layer['name'].removeprefix(unit['name'] + '.') or layer['name']} "
             f"{_bits(layer['w_bits'], layer['a_bits'])}" + (" split" if layer.get("split") else "")
             for layer in unit["layers"]
         )
         lines.append(f"  {unit['name']:<34} {unit['kind']:<6} {losses}  {layers}")
+    if rounding:
+        shares = [r["undecided_share"] for r in rounding.values()]
+        lines.append(
+            f"  rounding: soft = the unit's loss with AdaRound's soft rounding, before the hard one (after); "
+            f"undecided = share of h(alpha) in (0.01, 0.99), mean {sum(shares) / len(shares):.1%}"
+        )
     for name, bits in manifest.get("attention", {}).items():
         qkv, softmax = bits["qkv_bits"], bits["softmax_bits"]
         cross = " (cross-attention)" if bits.get("cross_attention") else ""

@@ -36,6 +36,10 @@ def round_regularizer(alpha: torch.Tensor, b: float) -> torch.Tensor:
     return (1 - (2 * (rectified_sigmoid(alpha) - 0.5)).abs().pow(b)).sum()
 
 
+#: h(alpha) within this of 0 or 1 counts as decided (rounding diagnostics, ``undecided``)
+UNDECIDED_MARGIN = 0.01
+
+
 class AdaRoundQuantizer(nn.Module):
     """Fake-quantized weights with learnable rounding.
 
@@ -77,6 +81,13 @@ class AdaRoundQuantizer(nn.Module):
 
     def round_loss(self, b: float) -> torch.Tensor:
         return round_regularizer(self.alpha, b)
+
+    @torch.no_grad()
+    def undecided(self, margin: float = UNDECIDED_MARGIN) -> tuple[int, int]:
+        """(elements whose soft rounding h(alpha) lies strictly inside (margin, 1 - margin), all
+        elements): what the final hard rounding still changes (0 when the rounding has committed)."""
+        h = rectified_sigmoid(self.alpha)
+        return int(((h > margin) & (h < 1 - margin)).sum()), h.numel()
 
 
 class LinearTempDecay:

@@ -235,10 +235,14 @@ def _reconstruct_step(
 
     before, layers_before = evaluate()
     tick = time.perf_counter()
+    seed = step_seed(config.seed, step.name)
     iters = reconstruct_unit(
-        unit_module, layers, cache, phase, config, lrs, step_seed(config.seed, step.name), device, dist
+        unit_module, layers, cache, phase, config, lrs, seed, device, dist, hard_round=False
     )
     train_seconds = time.perf_counter() - tick
+    rounding = _rounding_diagnostics(layers, evaluate) if iters and phase.learn_weights else None
+    for layer in layers:
+        layer.finish_adaround()
     after, layers_after = evaluate() if iters else (before, layers_before)
     logger.info("%s: loss %.4g -> %.4g (%d iters, %.1f s)", step.name, before, after, iters, train_seconds)
     entry = {
@@ -254,7 +258,27 @@ def _reconstruct_step(
         "iters": iters,
         "float_layer_targets_cached": float_cache.layer_outputs is not None,
     }
+    if rounding is not None:
+        entry["rounding"] = {**rounding, "loss_hard": after}
     return entry, {"cache_seconds": round(cache_seconds, 3), "train_seconds": round(train_seconds, 3)}
+
+
+def _rounding_diagnostics(
+    layers: Sequence[nn.Module], evaluate: Callable[[], tuple[float, list[float]]]
+) -> dict[str, float] | None:
+    """How far AdaRound's soft rounding had committed when learning ended, before hard rounding.
+
+    ``undecided_share``: the share of weights whose h(alpha) lies strictly inside (0.01, 0.99);
+    ``loss_soft``: the unit's block-output loss with the soft rounding (the report's
+    ``loss_after`` is with the hard one). A large share and a hard loss far above the soft one
+    say the rounding learned is not the rounding deployed (the regulariser's job).
+    """
+    counts = [layer.adaround.undecided() for layer in layers if layer.adaround is not None]
+    if not counts:
+        return None
+    undecided, total = (sum(c) for c in zip(*counts, strict=True))
+    loss_soft, _ = evaluate()
+    return {"undecided_share": undecided / total, "loss_soft": loss_soft}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,9 +289,11 @@ def build_report(config: ReconConfig, entries: list[dict[str, Any]]) -> dict[str
 
     A unit entry holds ``loss_before`` / ``loss_after`` (block-output lp on the first
     ``recon.eval_samples`` samples, pure quantized-path input), ``layer_losses_before`` /
-    ``_after`` (every layer's lp), ``iters`` and ``float_layer_targets_cached``. Totals count
-    steps and iterations, and sum the losses of the last phase's units (for brecq the
-    activation pass).
+    ``_after`` (every layer's lp), ``iters`` and ``float_layer_targets_cached``, and where the
+    rounding was learned ``rounding`` (``undecided_share``, ``loss_soft``, ``loss_hard``:
+    ``_rounding_diagnostics``). Totals count steps and iterations, and sum the losses of the
+    last phase's units (for brecq the activation pass); with rounding diagnostics, the soft
+    loss summed and the undecided share averaged over the units that learned rounding.
     """
     units = [e for e in entries if e["phase"] != "calibrate"]
     final_phase = units[-1]["phase"] if units else None
@@ -280,6 +306,14 @@ def build_report(config: ReconConfig, entries: list[dict[str, Any]]) -> dict[str
         "loss_before": sum(e["loss_before"] for e in final),
         "loss_after": sum(e["loss_after"] for e in final),
     }
+    rounded = [e["rounding"] for e in units if "rounding" in e]
+    if rounded:
+        totals["rounding"] = {
+            "units": len(rounded),
+            "undecided_share_mean": sum(r["undecided_share"] for r in rounded) / len(rounded),
+            "loss_soft": sum(r["loss_soft"] for r in rounded),
+            "loss_hard": sum(r["loss_hard"] for r in rounded),
+        }
     return {"method": config.method, "steps": entries, "totals": totals}
 
 

@@ -146,13 +146,15 @@ def reconstruct_unit(
     seed: int,
     device: torch.device,
     dist: Dist | None = None,
+    hard_round: bool = True,
 ) -> int:
     """Learn the unit's rounding and / or activation steps on its cache; returns the iterations run.
 
     ``lrs`` = (lr_w, lr_a); ``seed`` draws the batches and the QDrop masks. Ends with hard
-    rounding written to the layers' integer weights. ``dist``: every rank draws the same
-    batches and learns on its part of each (``edadm.recon.data_parallel``); the gradients are
-    summed over the ranks, so all ranks end with the same state.
+    rounding written to the layers' integer weights (``hard_round`` False: the layers keep their
+    soft rounding, for the caller to measure, then call ``finish_adaround``). ``dist``: every
+    rank draws the same batches and learns on its part of each (``edadm.recon.data_parallel``);
+    the gradients are summed over the ranks, so all ranks end with the same state.
     """
     dist = dist or Dist()
     lr_w = lrs[0] if phase.lr_w is None else phase.lr_w
@@ -258,6 +260,7 @@ def reconstruct_unit(
             scale.requires_grad_(False)
             scale.grad = None
         # 7. hard rounding: alpha >= 0 rounds up
-        for layer in layers:
-            layer.finish_adaround()
+        if hard_round:
+            for layer in layers:
+                layer.finish_adaround()
     return iters
