@@ -9,6 +9,11 @@ sampling seeds: the table's noise floor. The class table's rows also have ``guid
 ``class_consistency_per_class``. Every row keeps its per-seed runs, so ``--previous
 results/embedded.json`` adds newly run rows to the committed table (a row run again replaces
 its old figures) without the metrics folders of the runs before.
+
+``--docs`` builds nothing from metrics: it reads the committed results/*.json (both testbeds'
+tables and the embedded models' training curves) and writes docs/results.md and the README's
+headline table (between ``<!-- results:start -->`` and ``<!-- results:end -->``);
+``--docs --check`` writes nothing and exits 1 where either file differs from what it would write.
 """
 
 from __future__ import annotations
@@ -303,6 +308,231 @@ def markdown(rows: list[dict], testbed: str = "unconditional") -> str:
     return "\n".join(lines) + "\n"
 
 
+# --docs: the pages generated from the committed results
+RESULTS = ROOT / "results"
+DOCS_RESULTS = ROOT / "docs" / "results.md"
+README = ROOT / "README.md"
+HEADLINE_START, HEADLINE_END = "<!-- results:start -->", "<!-- results:end -->"
+HEADLINE_METHODS = (
+    ("naive", "naive"),
+    ("q-diffusion", "Q-Diffusion"),
+    ("ptq4dm", "PTQ4DM"),
+    ("eda-dm", "EDA-DM"),
+)
+HEADLINE_BITS = ((8, 8), (4, 8), (4, 4))
+
+
+def _load(name: str):
+    path = RESULTS / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{path}: can't read it ({err}); it is committed with the sweep's results") from err
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _spread(row: dict, key: str, std: str) -> str:
+    return _num(row[key]) + (f" ± {row[std]:.2f}" if std in row else "")
+
+
+def best_row(rows: list[dict], w_bits: int, a_bits: int) -> dict | None:
+    """The quantized row with the highest PSNR vs FP at a width (the one-knob tuning rows, one seed
+    each, left out)."""
+    candidates = [
+        r
+        for r in rows
+        if r["method"] != "fp"
+        and r["method"] not in TUNING
+        and (r["w_bits"], r["a_bits"]) == (w_bits, a_bits)
+        and r["psnr_vs_fp"] is not None
+    ]
+    return max(candidates, key=lambda r: r["psnr_vs_fp"], default=None)
+
+
+def headline(rows: list[dict]) -> str:
+    """The README's table: FP and the paper's methods at W8A8, W4A8 and W4A4, and the sweep's best row."""
+    by_key = {(r["method"], r["w_bits"], r["a_bits"]): r for r in rows}
+    fp = by_key[("fp", 32, 32)]
+    bits = [f"W{w}A{a}" for w, a in HEADLINE_BITS]
+    lines = [
+        "| method | " + " | ".join(f"{b} FD | {b} PSNR vs FP (dB)" for b in bits) + " |",
+        "|---|" + "---|---|" * len(bits),
+    ]
+    fp_fd = _spread(fp, "fd", "fd_seed_std")
+    lines.append("| FP (W32A32) | " + " | ".join(f"{fp_fd} | " for _ in bits) + " |")
+
+    def cells(row: dict | None, label: bool = False) -> str:
+        if row is None:
+            return "not run | not run"
+        name = f" ({row['method']})" if label else ""
+        return f"{_spread(row, 'fd', 'fd_calib_std')} | {_spread(row, 'psnr_vs_fp', 'psnr_calib_std')}{name}"
+
+    for method, label in HEADLINE_METHODS:
+        lines.append(
+            f"| {label} | " + " | ".join(cells(by_key.get((method, w, a))) for w, a in HEADLINE_BITS) + " |"
+        )
+    lines.append(
+        "| best row of the sweep | "
+        + " | ".join(cells(best_row(rows, w, a), True) for w, a in HEADLINE_BITS)
+        + " |"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def _curve_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| steps | train loss | FP FD | IS | precision | recall | naive W8A8 PSNR vs FP (dB) | naive W8A8 FD "
+        "| FD vs FP |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: r["steps"]):
+        fp, q = r["fp"], r["naive_w8a8"]
+        lines.append(
+            f"| {r['steps']} | {r['train_loss']:.4f} | {_num(fp['fd'])} | {_num(fp['is_mean'])} | "
+            f"{_num(fp['precision'])} | {_num(fp['recall'])} | {_num(q['psnr'], 1)} | {_num(q['fd'])} | "
+            f"{_num(q['fd_vs_fp'])} |"
+        )
+    return lines
+
+
+def _class_curve_table(rows: list[dict], scale: str) -> list[str]:
+    lines = [
+        "| steps | train loss | FP FD | IS | precision | recall | class consistency "
+        "| naive W8A8 PSNR vs FP (dB) | naive W8A8 FD | FD vs FP | naive W8A8 class consistency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: r["steps"]):
+        fp, q = r["guided"][scale]["fp"], r["guided"][scale]["naive_w8a8"]
+        lines.append(
+            f"| {r['steps']} | {r['train_loss']:.4f} | {_num(fp['fd'])} | {_num(fp['is_mean'])} | "
+            f"{_num(fp['precision'])} | {_num(fp['recall'])} | {_num(fp['class_consistency'], 3)} | "
+            f"{_num(q['psnr'], 1)} | {_num(q['fd'])} | {_num(q['fd_vs_fp'], 3)} | "
+            f"{_num(q['class_consistency'], 3)} |"
+        )
+    return lines
+
+
+def _guidance_table(scan: dict, curve: dict, sweep_rows: list[dict]) -> list[str]:
+    """FP quality of the class model against the guidance scale: 1 from the curve's last snapshot,
+    the scan's scales, 3 from the class sweep's FP row."""
+    last = max(curve["rows"], key=lambda r: r["steps"])["guided"]["1"]["fp"]
+    points = [(1.0, last)] + [(r["guidance_scale"], r) for r in scan["rows"]]
+    points += [
+        (float(r["guidance_scale"]), {**r, "precision": r["precision"], "recall": r["recall"]})
+        for r in sweep_rows
+        if r["method"] == "fp" and r["guidance_scale"] not in (None, 1)
+    ]
+    lines = ["| guidance | FP FD | class consistency | precision | recall |", "|---|---|---|---|---|"]
+    for g, r in sorted(points, key=lambda p: p[0]):
+        lines.append(
+            f"| {g:g} | {_num(r['fd'])} | {_num(r['class_consistency'], 3)} | {_num(r['precision'])} | "
+            f"{_num(r['recall'])} |"
+        )
+    return lines
+
+
+def results_page() -> str:
+    """docs/results.md: every testbed's table and the embedded models' training curves."""
+    rows, class_rows = _load("embedded.json"), _load("embedded-class.json")
+    curve, long, class_curve = (
+        _load("training_curve.json"),
+        _load("training_curve_long.json"),
+        _load("training_curve_class.json"),
+    )
+    scan = _load("guidance_scan_class.json")
+    out = [
+        "# Results",
+        "",
+        "<!-- Generated by `python sweep/results.py --docs` from results/*.json: "
+        "edit the generator, not this page. -->",
+        "",
+        "Every figure here is read from the committed `results/*.json`. The sweep's rows use fake",
+        "quantization unless said otherwise, 512 samples from the FP rows' seeds, 100 DDIM steps and",
+        "`recon.iters: 300`; PSNR, SSIM and FD vs FP are paired with FP (same x_T). FD uses the digits",
+        "classifier's 128-d features, so its scale is not that of Inception FIDs. `±` is the spread",
+        "(std) over seeds: sampling seeds for FP (the noise floor), calibration seeds for the rest;",
+        "calibration sets that draw nothing at random (naive, q-diffusion) have one seed. Measured on a",
+        "2-core Intel Xeon, CPU only, one or two threads a worker. How to rerun the rows, and what",
+        "the figures say: [paper.md](paper.md).",
+        "",
+        "## The embedded default (unconditional digits UNet)",
+        "",
+        "`python sweep/run.py`, then `python sweep/results.py` (`results/embedded.json`).",
+        "",
+        markdown(rows).rstrip("\n"),
+        "",
+        "## The class-conditional digits model",
+        "",
+        "`python sweep/run.py --testbed class`, then `python sweep/results.py --testbed class`",
+        "(`results/embedded-class.json`). Quantized rows sample on the integer path (`sample.mode: int`).",
+        "At guidance 3 (the paper's) the FP samples themselves are broken on this model, so FD and",
+        "class consistency there rank nothing; the paired figures still say how closely a quantized",
+        "model follows FP.",
+        "",
+        markdown(class_rows, "class").rstrip("\n"),
+        "",
+        "## Training curves of the embedded models",
+        "",
+        f"The unconditional recipe, one constant-rate run measured at each snapshot (n = {curve['n']},",
+        "sample seed 0, against the 360 held-out digits); naive W8A8 is uniform calibration and range",
+        f"search only, paired with FP. {curve['cpu']}, {curve['torch_threads']} threads",
+        f"(`results/training_curve.json`; steps {', '.join(str(r['steps']) for r in long['rows'])} from a",
+        "longer run of the same recipe whose 8000-step snapshot is the shipped weights,",
+        "`results/training_curve_long.json`).",
+        "`python bench/training_curve.py --steps 500,1000,2000,3000,5000,8000 --set model.embedded.lr=1e-3",
+        "--set model.embedded.ema_decay=0.999 --keep DIR`.",
+        "",
+        *_curve_table(curve["rows"] + long["rows"]),
+        "",
+        "The class-conditional recipe without guidance (`results/training_curve_class.json`;",
+        "`python bench/training_curve.py --measure DIR --guidance 1",
+        "--set model.embedded.conditioning=class`):",
+        "",
+        *_class_curve_table(class_curve["rows"], "1"),
+        "",
+        "The same at guidance 3, first snapshots only:",
+        "",
+        *_class_curve_table(class_curve["guidance_3_rows"], "3"),
+        "",
+        "FP quality of the shipped class model against the guidance scale (n = 512, DDIM 100 steps;",
+        "1 is the curve's last row, 3 the class sweep's FP row; the others",
+        "`python bench/guidance_scan.py --scales 1.25,1.5,2`, `results/guidance_scan_class.json`):",
+        "",
+        *_guidance_table(scan, class_curve, class_rows),
+        "",
+    ]
+    return "\n".join(out)
+
+
+def readme_with_headline(text: str, table: str) -> str:
+    """The README with its headline table (between the markers) replaced by ``table``."""
+    start, end = text.find(HEADLINE_START), text.find(HEADLINE_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{README}: no {HEADLINE_START} ... {HEADLINE_END} markers for the headline table")
+    return text[: start + len(HEADLINE_START)] + "\n" + table + text[end:]
+
+
+def docs(check: bool) -> None:
+    """Writes (or, with ``check``, compares) docs/results.md and the README's headline table."""
+    rows = _load("embedded.json")
+    wanted = {
+        DOCS_RESULTS: results_page(),
+        README: readme_with_headline(README.read_text(), headline(rows)),
+    }
+    stale = [path for path, text in wanted.items() if not path.exists() or path.read_text() != text]
+    if check:
+        for path in stale:
+            print(f"{path.relative_to(ROOT)} is out of date: run `python sweep/results.py --docs`")
+        raise SystemExit(1 if stale else 0)
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(wanted[path])
+        print(f"wrote {path.relative_to(ROOT)}")
+
+
 @click.command()
 @click.option(
     "--testbed",
@@ -331,7 +561,28 @@ def markdown(rows: list[dict], testbed: str = "unconditional") -> str:
     help="path stem of the table: STEM.json and STEM.md (relative to the repository root); default "
     "results/embedded, results/embedded-class",
 )
-def main(testbed: str, dirs: tuple[Path, ...], previous: tuple[Path, ...], out: str | None) -> None:
+@click.option(
+    "--docs",
+    "write_docs",
+    is_flag=True,
+    help="from the committed results/*.json: write docs/results.md and the README's headline table",
+)
+@click.option(
+    "--check", is_flag=True, help="with --docs: write nothing, exit 1 where either file is out of date"
+)
+def main(
+    testbed: str,
+    dirs: tuple[Path, ...],
+    previous: tuple[Path, ...],
+    out: str | None,
+    write_docs: bool = False,
+    check: bool = False,
+) -> None:
+    if check and not write_docs:
+        raise click.UsageError("--check goes with --docs")
+    if write_docs:
+        docs(check)
+        return
     rows = build_rows(list(dirs) or None, list(previous), testbed)
     stem = ROOT / (out or TESTBEDS[testbed].out)
     stem.parent.mkdir(parents=True, exist_ok=True)
