@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
-from tiny_models import fake_and_integer_samples, tiny_attn_unet, tiny_calib
+from tiny_models import assert_samples_agree, fake_and_integer_samples, tiny_attn_unet, tiny_calib
 
 from edadm.deploy import kernels as integer_kernels
 from edadm.deploy.integer import IntegerAttnProcessor, IntegerLayer, shifted_codes, to_integer
@@ -113,7 +112,7 @@ def test_integer_sampling_matches_fake_sampling(tmp_path, tiny_scheduler) -> Non
     model = calibrated(8, 8)
     sampler, config = SamplerConfig(steps=4), SampleConfig(n=4, batch_size=4)
     fake, integer = fake_and_integer_samples(model, tiny_scheduler, sampler, config, tmp_path)
-    assert np.abs(fake - integer).max() < 1e-3
+    assert_samples_agree(integer, fake)
 
 
 def test_int_mm_pads_to_the_kernel_shape_rules() -> None:
