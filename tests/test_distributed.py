@@ -31,6 +31,9 @@ from edadm.diffusion.loading import load_diffusion_model, save_model
 from edadm.distributed import Dist
 from edadm.inspect import describe
 
+# several processes under torchrun: `pytest -m "not dist"` leaves them out of a quick loop
+pytestmark = pytest.mark.dist
+
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 

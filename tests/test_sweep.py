@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +17,8 @@ import gen_dvc  # noqa: E402
 import run  # noqa: E402
 
 import results  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_configuration_runs_once_in_order_and_dvc_yaml_is_current() -> None:
@@ -301,3 +304,12 @@ def test_previous_table_keeps_its_runs_and_new_metrics_replace_them(tmp_path) ->
     table.write_text("[{}]")
     with pytest.raises(SystemExit, match="not a results table"):
         results.build_rows([second], [table])
+
+
+def test_generated_tables_are_current():
+    """README's headline table and docs/results.md are what sweep/results.py writes from results/."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "sweep" / "results.py"), "--docs", "--check"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
