@@ -10,10 +10,12 @@ sampling seeds: the table's noise floor. The class table's rows also have ``guid
 results/embedded.json`` adds newly run rows to the committed table (a row run again replaces
 its old figures) without the metrics folders of the runs before.
 
-``--docs`` builds nothing from metrics: it reads the committed results/*.json (both testbeds'
-tables and the embedded models' training curves) and writes docs/results.md and the README's
-headline table (between ``<!-- results:start -->`` and ``<!-- results:end -->``);
-``--docs --check`` writes nothing and exits 1 where either file differs from what it would write.
+``--docs`` builds nothing from metrics: it reads the committed results/*.json (every testbed's
+table with the seeds of each row's runs, the embedded models' training curves) and writes
+docs/results.md, the README's headline table (between ``<!-- results:start -->`` and
+``<!-- results:end -->``) and the training-curve tables of docs/embedded-models.md (between
+``<!-- results:NAME:start -->`` and ``<!-- results:NAME:end -->``); ``--docs --check`` writes
+nothing and exits 1 where any of them differs from what it would write.
 """
 
 from __future__ import annotations
@@ -256,6 +258,7 @@ HEADERS = {
     "class_consistency": "class consistency",
     "n": "n",
     "seeds": "seeds",
+    "seed_list": "seeds",
 }
 
 
@@ -282,12 +285,24 @@ def _cells(r: dict) -> dict[str, str]:
         "class_consistency": cell(r.get("class_consistency"), 3),
         "n": f"{r['n']}",
         "seeds": f"{r['seeds']}",
+        "seed_list": ", ".join(str(seed) for seed in run_seeds(r)) or f"{r['seeds']}",
     }
 
 
-def markdown(rows: list[dict], testbed: str = "unconditional") -> str:
-    """The comparison table, then the tuning rows (one recon knob changed each) in their own."""
+def run_seeds(row: dict) -> list[int]:
+    """The seeds of a row's runs: sampling seeds for FP, calibration seeds for the rest (older
+    tables kept no runs for the FP row: none)."""
+    return [run["sample_seed"] if "sample_seed" in run else run["calib_seed"] for run in row.get("runs", [])]
+
+
+def markdown(rows: list[dict], testbed: str = "unconditional", seed_list: bool = False) -> str:
+    """The comparison table, then the tuning rows (one recon knob changed each) in their own.
+
+    ``seed_list``: the seeds column lists the seeds of each row's runs instead of counting them.
+    """
     columns = TESTBEDS[testbed].columns
+    if seed_list:
+        columns = tuple("seed_list" if c == "seeds" else c for c in columns)
 
     def table(rows: list[dict]) -> list[str]:
         lines = [
@@ -308,11 +323,10 @@ def markdown(rows: list[dict], testbed: str = "unconditional") -> str:
     return "\n".join(lines) + "\n"
 
 
-# --docs: the pages generated from the committed results
-RESULTS = ROOT / "results"
-DOCS_RESULTS = ROOT / "docs" / "results.md"
-README = ROOT / "README.md"
-HEADLINE_START, HEADLINE_END = "<!-- results:start -->", "<!-- results:end -->"
+# --docs: the pages generated from the committed results (paths under ROOT, read when called)
+DOCS_RESULTS = "docs/results.md"
+README = "README.md"
+EMBEDDED_MODELS = "docs/embedded-models.md"
 HEADLINE_METHODS = (
     ("naive", "naive"),
     ("q-diffusion", "Q-Diffusion"),
@@ -322,8 +336,24 @@ HEADLINE_METHODS = (
 HEADLINE_BITS = ((8, 8), (4, 8), (4, 4))
 
 
+def block_markers(name: str | None = None) -> tuple[str, str]:
+    """The comment lines around a generated block: ``<!-- results:start -->`` / ``:end -->`` for the
+    README's headline table, ``<!-- results:NAME:start -->`` for the others."""
+    tag = "results" if name is None else f"results:{name}"
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+
+
+def with_block(text: str, body: str, name: str | None, path: str) -> str:
+    """``text`` with the block between ``name``'s markers replaced by ``body`` (lines, ending in \\n)."""
+    start, end = block_markers(name)
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        raise SystemExit(f"{path}: no {start} ... {end} lines around the generated table; put them back")
+    return text[: i + len(start)] + "\n" + body + text[j:]
+
+
 def _load(name: str):
-    path = RESULTS / name
+    path = ROOT / "results" / name
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -382,18 +412,60 @@ def headline(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _per_seed_table(rows: list[dict], guided: bool = False) -> list[str]:
+    """PSNR vs FP / FD of every run of the rows with several calibration seeds, seed by seed."""
+    seeded = [r for r in rows if r["method"] != "fp" and len(r.get("runs", [])) > 1]
+    if not seeded:
+        return []
+    seeds = sorted({seed for r in seeded for seed in run_seeds(r)})
+    lines = [
+        "| method | "
+        + ("guidance | " if guided else "")
+        + "W/A | "
+        + " | ".join(f"seed {seed}" for seed in seeds)
+        + " |",
+        "|---|" + ("---|" if guided else "") + "---|" + "---|" * len(seeds),
+    ]
+    for r in seeded:
+        by_seed = {seed: run for seed, run in zip(run_seeds(r), r["runs"], strict=True)}
+        cells = [
+            f"{_num(by_seed[seed]['psnr'])} / {_num(by_seed[seed]['fd'])}" if seed in by_seed else ""
+            for seed in seeds
+        ]
+        guidance = f"{r['guidance_scale']} | " if guided else ""
+        lines.append(
+            f"| {r['method']} | {guidance}W{r['w_bits']}A{r['a_bits']} | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
+def _sweep_section(rows: list[dict], testbed: str) -> list[str]:
+    """A testbed's table (its seeds column lists the seeds of each row's runs), then its rows with
+    several calibration seeds, seed by seed."""
+    out = [markdown(rows, testbed, seed_list=True).rstrip("\n")]
+    per_seed = _per_seed_table(rows, guided=TESTBEDS[testbed].guided)
+    if per_seed:
+        out += [
+            "",
+            "PSNR vs FP (dB) / FD of each run of the rows with several calibration seeds:",
+            "",
+            *per_seed,
+        ]
+    return out
+
+
 def _curve_table(rows: list[dict]) -> list[str]:
     lines = [
         "| steps | train loss | FP FD | IS | precision | recall | naive W8A8 PSNR vs FP (dB) | naive W8A8 FD "
-        "| FD vs FP |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| FD vs FP | source |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r["steps"]):
         fp, q = r["fp"], r["naive_w8a8"]
         lines.append(
             f"| {r['steps']} | {r['train_loss']:.4f} | {_num(fp['fd'])} | {_num(fp['is_mean'])} | "
             f"{_num(fp['precision'])} | {_num(fp['recall'])} | {_num(q['psnr'], 1)} | {_num(q['fd'])} | "
-            f"{_num(q['fd_vs_fp'])} |"
+            f"{_num(q['fd_vs_fp'])} | {r['source']} |"
         )
     return lines
 
@@ -417,32 +489,75 @@ def _class_curve_table(rows: list[dict], scale: str) -> list[str]:
 
 def _guidance_table(scan: dict, curve: dict, sweep_rows: list[dict]) -> list[str]:
     """FP quality of the class model against the guidance scale: 1 from the curve's last snapshot,
-    the scan's scales, 3 from the class sweep's FP row."""
-    last = max(curve["rows"], key=lambda r: r["steps"])["guided"]["1"]["fp"]
-    points = [(1.0, last)] + [(r["guidance_scale"], r) for r in scan["rows"]]
+    the scan's scales, 3 from the class sweep's FP row; each row names its file."""
+    last = max(curve["rows"], key=lambda r: r["steps"])
+    points = [(1.0, last["guided"]["1"]["fp"], f"training_curve_class.json, {last['steps']} steps")]
+    points += [(r["guidance_scale"], r, "guidance_scan_class.json") for r in scan["rows"]]
     points += [
-        (float(r["guidance_scale"]), {**r, "precision": r["precision"], "recall": r["recall"]})
+        (float(r["guidance_scale"]), r, "embedded-class.json, FP row")
         for r in sweep_rows
         if r["method"] == "fp" and r["guidance_scale"] not in (None, 1)
     ]
-    lines = ["| guidance | FP FD | class consistency | precision | recall |", "|---|---|---|---|---|"]
-    for g, r in sorted(points, key=lambda p: p[0]):
+    lines = [
+        "| guidance | FP FD | class consistency | precision | recall | source |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g, r, source in sorted(points, key=lambda p: p[0]):
         lines.append(
             f"| {g:g} | {_num(r['fd'])} | {_num(r['class_consistency'], 3)} | {_num(r['precision'])} | "
-            f"{_num(r['recall'])} |"
+            f"{_num(r['recall'])} | {source} |"
         )
     return lines
 
 
+def curve_tables() -> dict[str, list[str]]:
+    """The embedded models' training-curve and guidance tables, by block name (docs/results.md shows
+    them, docs/embedded-models.md has each between its markers)."""
+    curve, long, class_curve = (
+        _load("training_curve.json"),
+        _load("training_curve_long.json"),
+        _load("training_curve_class.json"),
+    )
+    unconditional = [{**r, "source": "training_curve.json"} for r in curve["rows"]]
+    unconditional += [{**r, "source": "training_curve_long.json"} for r in long["rows"]]
+    return {
+        "training-curve": _curve_table(unconditional),
+        "training-curve-class": _class_curve_table(class_curve["rows"], "1"),
+        "training-curve-class-g3": _class_curve_table(class_curve["guidance_3_rows"], "3"),
+        "guidance": _guidance_table(
+            _load("guidance_scan_class.json"), class_curve, _load("embedded-class.json")
+        ),
+    }
+
+
+def _earlier_rounds() -> list[str]:
+    """The sweep's tables on the 900-step embedded models (results/embedded-round*.json), each with
+    the reading it had at the time in results/embedded-round*.md."""
+    out = []
+    for path in sorted((ROOT / "results").glob("embedded-round*.json")):
+        rows = _load(path.name)
+        fp = next(r for r in rows if r["method"] == "fp")
+        out += [
+            "",
+            f"### {path.stem.removeprefix('embedded-').replace('round', 'Round ')}",
+            "",
+            f"`results/{path.name}` (FP FD {_spread(fp, 'fd', 'fd_seed_std')}; the reading of the time: "
+            f"[results/{path.stem}.md](../results/{path.stem}.md)).",
+            "",
+            *_sweep_section(rows, "unconditional"),
+        ]
+    return out
+
+
 def results_page() -> str:
-    """docs/results.md: every testbed's table and the embedded models' training curves."""
+    """docs/results.md: every testbed's table, the runs behind each row, the training curves."""
     rows, class_rows = _load("embedded.json"), _load("embedded-class.json")
     curve, long, class_curve = (
         _load("training_curve.json"),
         _load("training_curve_long.json"),
         _load("training_curve_class.json"),
     )
-    scan = _load("guidance_scan_class.json")
+    tables = curve_tables()
     out = [
         "# Results",
         "",
@@ -454,74 +569,94 @@ def results_page() -> str:
         "`recon.iters: 300`; PSNR, SSIM and FD vs FP are paired with FP (same x_T). FD uses the digits",
         "classifier's 128-d features, so its scale is not that of Inception FIDs. `±` is the spread",
         "(std) over seeds: sampling seeds for FP (the noise floor), calibration seeds for the rest;",
-        "calibration sets that draw nothing at random (naive, q-diffusion) have one seed. Measured on a",
-        "2-core Intel Xeon, CPU only, one or two threads a worker. How to rerun the rows, and what",
-        "the figures say: [paper.md](paper.md).",
+        "calibration sets that draw nothing at random (naive, q-diffusion) have one seed. The seeds",
+        "column lists the seeds of each row's runs (FP: sampling seeds). Measured on a 2-core Intel",
+        "Xeon, CPU only, one or two threads a worker. How to rerun the rows, and what the figures say:",
+        "[paper.md](paper.md).",
         "",
         "## The embedded default (unconditional digits UNet)",
         "",
-        "`python sweep/run.py`, then `python sweep/results.py` (`results/embedded.json`).",
+        "`python sweep/run.py`, then `python sweep/results.py`",
+        "([results/embedded.json](../results/embedded.json)).",
         "",
-        markdown(rows).rstrip("\n"),
+        *_sweep_section(rows, "unconditional"),
         "",
         "## The class-conditional digits model",
         "",
         "`python sweep/run.py --testbed class`, then `python sweep/results.py --testbed class`",
-        "(`results/embedded-class.json`). Quantized rows sample on the integer path (`sample.mode: int`).",
-        "At guidance 3 (the paper's) the FP samples themselves are broken on this model, so FD and",
-        "class consistency there rank nothing; the paired figures still say how closely a quantized",
-        "model follows FP.",
+        "([results/embedded-class.json](../results/embedded-class.json)). Quantized rows sample on the",
+        "integer path (`sample.mode: int`). At guidance 3 (the paper's) the FP samples themselves are",
+        "broken on this model, so FD and class consistency there rank nothing; the paired figures",
+        "still say how closely a quantized model follows FP.",
         "",
-        markdown(class_rows, "class").rstrip("\n"),
+        *_sweep_section(class_rows, "class"),
         "",
         "## Training curves of the embedded models",
         "",
         f"The unconditional recipe, one constant-rate run measured at each snapshot (n = {curve['n']},",
         "sample seed 0, against the 360 held-out digits); naive W8A8 is uniform calibration and range",
-        f"search only, paired with FP. {curve['cpu']}, {curve['torch_threads']} threads",
-        f"(`results/training_curve.json`; steps {', '.join(str(r['steps']) for r in long['rows'])} from a",
-        "longer run of the same recipe whose 8000-step snapshot is the shipped weights,",
-        "`results/training_curve_long.json`).",
+        f"search only, paired with FP. {curve['cpu']}, {curve['torch_threads']} threads. The rows of",
+        "`training_curve_long.json` come from a longer run of the same recipe whose 8000-step",
+        "snapshot is the shipped weights.",
         "`python bench/training_curve.py --steps 500,1000,2000,3000,5000,8000 --set model.embedded.lr=1e-3",
-        "--set model.embedded.ema_decay=0.999 --keep DIR`.",
+        "--set model.embedded.ema_decay=0.999 --keep DIR`",
+        f"(`--steps {','.join(str(r['steps']) for r in long['rows'])}` for the longer run).",
         "",
-        *_curve_table(curve["rows"] + long["rows"]),
+        *tables["training-curve"],
         "",
-        "The class-conditional recipe without guidance (`results/training_curve_class.json`;",
+        f"The class-conditional recipe without guidance (n = {class_curve['n']},",
+        "[results/training_curve_class.json](../results/training_curve_class.json);",
         "`python bench/training_curve.py --measure DIR --guidance 1",
         "--set model.embedded.conditioning=class`):",
         "",
-        *_class_curve_table(class_curve["rows"], "1"),
+        *tables["training-curve-class"],
         "",
         "The same at guidance 3, first snapshots only:",
         "",
-        *_class_curve_table(class_curve["guidance_3_rows"], "3"),
+        *tables["training-curve-class-g3"],
         "",
         "FP quality of the shipped class model against the guidance scale (n = 512, DDIM 100 steps;",
-        "1 is the curve's last row, 3 the class sweep's FP row; the others",
-        "`python bench/guidance_scan.py --scales 1.25,1.5,2`, `results/guidance_scan_class.json`):",
+        "the scan's scales by `python bench/guidance_scan.py --scales 1.25,1.5,2`; source: the file",
+        "under `results/` each row comes from):",
         "",
-        *_guidance_table(scan, class_curve, class_rows),
+        *tables["guidance"],
+        "",
+        "## Earlier testbeds: the 900-step embedded models",
+        "",
+        "The sweep first ran on an undertrained 900-step embedded model, several times more fragile",
+        "under quantization than the converged one; these tables keep those runs. They do not compare",
+        "with the tables above.",
+        *_earlier_rounds(),
         "",
     ]
     return "\n".join(out)
 
 
-def readme_with_headline(text: str, table: str) -> str:
-    """The README with its headline table (between the markers) replaced by ``table``."""
-    start, end = text.find(HEADLINE_START), text.find(HEADLINE_END)
-    if start < 0 or end < start:
-        raise SystemExit(f"{README}: no {HEADLINE_START} ... {HEADLINE_END} markers for the headline table")
-    return text[: start + len(HEADLINE_START)] + "\n" + table + text[end:]
+def embedded_models_page(text: str) -> str:
+    """docs/embedded-models.md with its training-curve tables (between their markers) regenerated."""
+    for name, lines in curve_tables().items():
+        if name in ("training-curve", "training-curve-class", "guidance"):
+            text = with_block(text, "\n".join(lines) + "\n", name, EMBEDDED_MODELS)
+    return text
+
+
+def generated_docs() -> dict[Path, str]:
+    """Every file ``--docs`` writes -> the text it writes there."""
+    readme, models = ROOT / README, ROOT / EMBEDDED_MODELS
+    for path in (readme, models):
+        if not path.is_file():
+            raise SystemExit(f"{path} not found: --docs fills its generated tables")
+    return {
+        ROOT / DOCS_RESULTS: results_page(),
+        readme: with_block(readme.read_text(), headline(_load("embedded.json")), None, README),
+        models: embedded_models_page(models.read_text()),
+    }
 
 
 def docs(check: bool) -> None:
-    """Writes (or, with ``check``, compares) docs/results.md and the README's headline table."""
-    rows = _load("embedded.json")
-    wanted = {
-        DOCS_RESULTS: results_page(),
-        README: readme_with_headline(README.read_text(), headline(rows)),
-    }
+    """Writes (or, with ``check``, compares) docs/results.md, the README's headline table and the
+    training-curve tables of docs/embedded-models.md."""
+    wanted = generated_docs()
     stale = [path for path, text in wanted.items() if not path.exists() or path.read_text() != text]
     if check:
         for path in stale:
@@ -565,10 +700,11 @@ def docs(check: bool) -> None:
     "--docs",
     "write_docs",
     is_flag=True,
-    help="from the committed results/*.json: write docs/results.md and the README's headline table",
+    help="from the committed results/*.json: write docs/results.md and the generated tables of README.md "
+    "and docs/embedded-models.md",
 )
 @click.option(
-    "--check", is_flag=True, help="with --docs: write nothing, exit 1 where either file is out of date"
+    "--check", is_flag=True, help="with --docs: write nothing, exit 1 where a generated file is out of date"
 )
 def main(
     testbed: str,

@@ -174,6 +174,16 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     assert metrics["quant"]["n"] == 64 and metrics["fp"]["n"] == 64
     # the tiny model after 20 training steps: its W4A8 samples follow FP's only loosely
     assert 5 < metrics["quant"]["psnr"] < 60 and metrics["quant"]["fd_vs_fp"] > 0
+    # A full run pinned on a fixed seed (as diffusers pins its full-loop tests), measured on a
+    # 2-core AMD EPYC. FP sampling is float only: its figures move by rounding, well inside 2 %.
+    # The quantized run moves when a CPU rounds an activation onto the other side of a code
+    # boundary (integer against fake kernels, below: within 0.5 dB PSNR), so its tolerances are
+    # twice that spread.
+    assert metrics["fp"]["fd"] == pytest.approx(96.25, rel=0.02)
+    assert metrics["fp"]["sfid"] == pytest.approx(29.01, rel=0.02)
+    assert metrics["quant"]["psnr"] == pytest.approx(25.93, abs=1.0)
+    assert metrics["quant"]["ssim_vs_fp"] == pytest.approx(0.948, abs=0.01)
+    assert metrics["quant"]["fd"] == pytest.approx(94.17, rel=0.05)
 
     # Nothing changed: nothing runs, and `dvc status` says so in a line (the sweep is not collected).
     assert _stages_run(_run([*dvc, "repro"], repo)) == set()
@@ -189,6 +199,26 @@ def test_repro_builds_every_artifact_then_reruns_only_what_changed(repo):
     with (repo / "edadm" / "inspect.py").open("a") as f:
         f.write("\n# an edit no stage depends on\n")
     assert _stages_run(_run([*dvc, "repro"], repo)) == set()
+    # Each stage depends on what it runs: TDAC's knn code is the select stage's alone, the
+    # deployment code the export's and the quantized samples' (integer kernels: those alone).
+    for module, changed in (
+        ("edadm/calib/knn.py", {"select"}),
+        ("edadm/deploy/packing.py", {"export", "sample_quant"}),
+        ("edadm/deploy/integer.py", {"sample_quant"}),
+    ):
+        with (repo / module).open("a") as f:
+            f.write("\n# an edit\n")
+        assert set(json.loads(_run([*dvc, "status", "--json"], repo))) == changed, module
+        _run(["git", "checkout", module], repo)
+
+    # The README's Python API example runs as it is written, on this pipeline's artifacts.
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"```python\n(# README API example\n.*?)```", readme, re.S)
+    assert example, "README.md has no `# README API example` block"
+    (repo / "readme_example.py").write_text(example.group(1))
+    _run([sys.executable, "readme_example.py"], repo)
+    (repo / "readme_example.py").unlink()
+    assert _stages_run(_run([*dvc, "repro"], repo)) == set()  # it changed no artifact
 
     # Same params, same out hashes: every stage again from scratch.
     forced = _run([*dvc, "repro", "-f"], repo)

@@ -9,6 +9,7 @@ Imports under ``if TYPE_CHECKING:`` never run and are left out.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,8 @@ def _module_file(module: str) -> Path | None:
     return None
 
 
-def _imported_modules(path: Path) -> set[str]:
+@functools.cache  # every stage walks the same modules: parse each once
+def _imported_modules(path: Path) -> frozenset[str]:
     """Absolute names of the edadm modules ``path`` imports (relative imports resolved)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     rel = path.relative_to(ROOT).with_suffix("")
@@ -61,7 +63,7 @@ def _imported_modules(path: Path) -> set[str]:
             parts = name.split(".")
             # importing a.b.c runs a/__init__ and a/b/__init__ first
             modules |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-    return {m for m in modules if _module_file(m) is not None}
+    return frozenset(m for m in modules if _module_file(m) is not None)
 
 
 def library_files(script: Path) -> set[Path]:
@@ -107,16 +109,45 @@ def _covered(file: Path, deps: list[str]) -> bool:
     return any(rel == d.rstrip("/") or rel.startswith(d.rstrip("/") + "/") for d in deps)
 
 
+def _excess(dep: str, imported: set[Path]) -> bool:
+    """Whether ``dep`` names edadm source that ``imported`` does not hold: a module it lacks, or a
+    folder with a module it lacks. Data (the prompts, the shipped weights: no .py) is no import."""
+    path = ROOT / dep.rstrip("/")
+    if not dep.startswith(PACKAGE + "/"):
+        return False  # the script, artifacts
+    if path.suffix == ".py" or not path.exists():
+        return path not in imported  # a module, or one that no longer exists
+    if path.is_dir():
+        return not set(path.rglob("*.py")) <= imported
+    return False
+
+
 @pytest.mark.parametrize("stage", sorted(stage_scripts()))
 def test_stage_deps_name_every_module_the_stage_imports(stage):
     deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]["deps"]
     script = stage_scripts()[stage]
     assert script.relative_to(ROOT).as_posix() in deps
     assert PACKAGE not in [d.rstrip("/") for d in deps], "list the modules, not the whole package"
-    missing = sorted(f.relative_to(ROOT).as_posix() for f in library_files(script) if not _covered(f, deps))
-    assert not missing, (
-        f"dvc.yaml stage {stage} misses deps {missing}; it should list {minimal_deps(library_files(script))}"
-    )
+    imported = library_files(script)
+    should = minimal_deps(imported)
+    missing = sorted(f.relative_to(ROOT).as_posix() for f in imported if not _covered(f, deps))
+    assert not missing, f"dvc.yaml stage {stage} misses deps {missing}; it should list {should}"
+    # and no more: an edit to a module the script never imports must rerun nothing
+    excess = sorted(d for d in deps if _excess(d, imported))
+    assert not excess, f"dvc.yaml stage {stage} lists deps it does not import: {excess}; list {should}"
+
+
+def test_excess_deps_are_caught_and_data_deps_allowed():
+    """The check above flags a module or folder the script does not import, not data."""
+    imported = library_files(stage_scripts()["select"])
+    assert _excess("edadm/inspect.py", imported) and _excess("edadm/metrics", imported)
+    assert _excess("edadm/deploy/integer.py", imported) and _excess("edadm/gone.py", imported)
+    assert not _excess("edadm/calib", imported) and not _excess("edadm/calib/knn.py", imported)
+    assert not _excess("edadm/diffusion/prompts.txt", imported)
+    assert not _excess("edadm/diffusion/weights", imported) and not _excess("artifacts/model", imported)
+    # a folder of which the script imports some modules only is an excess dep too
+    recon = library_files(stage_scripts()["reconstruct"])
+    assert _excess("edadm/calib", recon) and not _excess("edadm/calib/store.py", recon)
 
 
 def test_model_stage_depends_on_the_shipped_weights():
