@@ -117,28 +117,3 @@ def assert_samples_agree(
     close = float((np.abs(np.asarray(a, dtype=np.float64) - b) <= within).mean())
     psnr = sample_psnr(a, b)
     assert close >= share and psnr >= min_psnr, f"{close:.2%} of pixels within {within}, PSNR {psnr:.1f} dB"
-
-
-# ---------------------------------------------------------------------------------------------
-# Comparing multi-step samples
-# ---------------------------------------------------------------------------------------------
-def psnr(x, reference) -> float:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2); equal images give ~200 dB."""
-    mse = float(np.mean((np.asarray(x, np.float64) - np.asarray(reference, np.float64)) ** 2))
-    return 10 * math.log10(4 / max(mse, 1e-20))
-
-
-def assert_same_codes_up_to_flips(samples, reference, fp, margin_db: float = 10.0) -> None:
-    """``samples`` and ``reference``, multi-step samples of one quantized model computed two ways
-    (integer against fake kernels, compiled against eager), agree far better than quantization
-    lets the model agree with FP (``fp``: the float model's samples, same seeds).
-
-    The two ways give the same activation codes but where a value lies within float rounding
-    of a code boundary, where the kernels of one CPU and another may round it either way: one
-    code then differs and the sampler carries it to the end (docs/integer.md; on the tiny
-    models 28-40 dB where it happens, 1 to 2 of 4 samples; nothing where it does not). So the
-    samples are compared by PSNR, never by their largest difference; wrong arithmetic (a scale,
-    a zero-point, an off-by-one grid) is as far from the reference as quantization is from FP.
-    """
-    agreement, quantization = psnr(samples, reference), psnr(reference, fp)
-    assert agreement > quantization + margin_db, (agreement, quantization)
